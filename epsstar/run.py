@@ -1,0 +1,256 @@
+"""One training configuration as one tracked MLflow run: reuse, resume, train, record, end.
+
+This is what ``epsstar train`` runs and what every search trial and fine-tune calls. Order
+matters for "nothing half-written": the data and the init checkpoint are loaded *before* a run
+is created (bad input creates no run), and the run always ends with its true status.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+
+from epsstar import tracking
+from epsstar.checkpoint import CheckpointError, load_checkpoint
+from epsstar.config import ConfigError, EpsstarError, TrainConfig
+from epsstar.data import DataBundle, load_data
+from epsstar.train import FitResult, fit, make_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT_ROOT = Path("checkpoints")
+# Checkpoints are uploaded to the artifact store at the end of a run and at most this often
+# during it (local checkpoints are written every epoch): cheap on the digits default, and a run
+# killed on one machine can still resume on another from a recent epoch.
+UPLOAD_EVERY_S = 300.0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The result of :func:`run_training`."""
+
+    run_id: str
+    metrics: dict[str, float]  # the final (best_*) metrics of the run
+    reused: bool  # True when an identical FINISHED run was found and nothing was trained
+    resumed_from_epoch: int = 0  # > 0 when an interrupted run was continued
+
+
+class RunBusyError(EpsstarError):
+    """Another live process on this machine is training the same run."""
+
+
+# --------------------------------------------------------------------------- init weights
+def load_init_weights(init: str, *, map_location: str = "cpu") -> dict[str, torch.Tensor] | None:
+    """Weights to fine-tune from: ``scratch`` → None; a checkpoint path; or ``runs:/<run_id>``
+    (that run's ``checkpoints/best.pt`` artifact)."""
+    if init == "scratch":
+        return None
+    if init.startswith("runs:/"):
+        run_id = init[len("runs:/"):].strip("/").split("/")[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = tracking.download_artifact(run_id, "checkpoints/best.pt", tmp)
+            if path is None:
+                raise CheckpointError(f"run {run_id} has no checkpoints/best.pt artifact")
+            return load_checkpoint(path, map_location=map_location)["model"]
+    return load_checkpoint(init, map_location=map_location)["model"]
+
+
+def _check_init_fits(cfg: TrainConfig, data: DataBundle, weights: dict | None) -> None:
+    if weights is None:
+        return
+    try:
+        make_model(cfg, data).load_state_dict(weights)
+    except RuntimeError:
+        raise ConfigError(f"checkpoint {cfg.init} does not fit arch={cfg.arch} "
+                          f"width={cfg.width} dataset={cfg.dataset}") from None
+
+
+# --------------------------------------------------------------------------- locking / resume
+@contextmanager
+def _run_lock(directory: Path) -> Iterator[None]:
+    """Exclusive lock on a run's checkpoint directory. The OS releases it when the process dies
+    (even on SIGKILL), so a held lock means a live trainer and a free one a resumable run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(f"run in {directory} is being trained by another process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _lock_is_free(directory: Path) -> bool:
+    if not (directory / ".lock").exists():
+        return True
+    with open(directory / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return True
+
+
+def _fetch_last_checkpoint(run_id: str, directory: Path) -> bool:
+    """Make ``directory/last.pt`` available (local, else the run's artifact). True if it is."""
+    if (directory / "last.pt").exists():
+        return True
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("last.pt", "best.pt"):
+        path = tracking.download_artifact(run_id, f"checkpoints/{name}", directory)
+        if path is None:
+            return False
+    return (directory / "last.pt").exists()
+
+
+def find_resumable(experiment_id: str, cfg: TrainConfig, root: Path) -> str | None:
+    """An interrupted run of this exact config whose checkpoint we can reach and nobody holds."""
+    for run in tracking.find_unfinished_runs(experiment_id, cfg.config_hash()):
+        directory = root / run.info.run_id
+        if _lock_is_free(directory) and _fetch_last_checkpoint(run.info.run_id, directory):
+            return run.info.run_id
+    return None
+
+
+# --------------------------------------------------------------------------- the workflow
+def run_training(
+    cfg: TrainConfig,
+    *,
+    experiment_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    resume_from_run: str | None = None,
+    reuse: bool = True,
+    checkpoint_root: str | Path = DEFAULT_CHECKPOINT_ROOT,
+    download: bool = False,
+    progress: bool | None = None,
+    log_model: bool = True,
+) -> RunOutcome:
+    """Train ``cfg`` as a tracked run and return its final metrics.
+
+    Args:
+        run_id: log into this existing run (e.g. the run ``mlflow run`` created for us).
+        resume_from_run: continue this (dead) run's training from its last checkpoint, as a
+            retried trial does; its checkpoint is copied in from its directory or artifacts.
+        reuse: return an identical FINISHED run (same ``epsstar.config_hash``) instead of
+            training again.
+    """
+    data = load_data(cfg, download=download)
+    init_weights = load_init_weights(cfg.init)
+    _check_init_fits(cfg, data, init_weights)
+    experiment_id = experiment_id or tracking.get_or_create_experiment()
+    root = Path(checkpoint_root)
+
+    if reuse:
+        done = tracking.find_finished_run(experiment_id, cfg.config_hash())
+        if done is not None:
+            return RunOutcome(done.info.run_id, dict(done.data.metrics), reused=True)
+
+    extra_tags = dict(tags or {})
+    if parent_run_id:
+        extra_tags[tracking.TAG_PARENT] = parent_run_id
+    resumable = run_id or find_resumable(experiment_id, cfg, root)
+    if resumable:
+        tracker = tracking.RunTracker.attach(resumable, cfg, tags=extra_tags)
+    else:
+        tracker = tracking.RunTracker.create(cfg, experiment_id=experiment_id,
+                                             run_name=run_name, tags=extra_tags)
+    directory = root / tracker.run_id
+    if resume_from_run and resume_from_run != tracker.run_id:
+        _adopt_checkpoint(resume_from_run, root, directory)
+    try:
+        with _run_lock(directory):
+            result, resumed = _train_tracked(cfg, data, tracker, directory, init_weights)
+            _record(cfg, data, result, tracker, log_model=log_model)
+    except BaseException as exc:
+        tracker.end(tracking.end_status_for(exc))
+        raise
+    tracker.end("FINISHED")
+    return RunOutcome(tracker.run_id, result.best, reused=False, resumed_from_epoch=resumed)
+
+
+def _adopt_checkpoint(source_run: str, root: Path, directory: Path) -> None:
+    """Copy a dead run's last checkpoint so a retried trial continues instead of restarting."""
+    src = root / source_run
+    if _fetch_last_checkpoint(source_run, src):
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in ("last.pt", "best.pt"):
+            if (src / name).exists() and not (directory / name).exists():
+                (directory / name).write_bytes((src / name).read_bytes())
+
+
+def _train_tracked(cfg, data, tracker, directory, init_weights) -> tuple[FitResult, int]:
+    resumed = 0
+    if (directory / "last.pt").exists():
+        resumed = int(load_checkpoint(directory / "last.pt")["epoch"])
+        log.info("resuming run %s from epoch %d", tracker.run_id, resumed)
+    last_upload = time.monotonic()
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        nonlocal last_upload
+        tracker.log_metrics(metrics, step=epoch)
+        if time.monotonic() - last_upload > UPLOAD_EVERY_S:
+            _upload_checkpoints(tracker, directory)
+            last_upload = time.monotonic()
+
+    result = fit(cfg, data, checkpoint_dir=directory, init_weights=init_weights,
+                 on_epoch=on_epoch, extra_state={"run_id": tracker.run_id})
+    return result, resumed
+
+
+def _upload_checkpoints(tracker: tracking.RunTracker, directory: Path) -> None:
+    for name in ("best.pt", "last.pt"):
+        if (directory / name).exists():
+            tracker.log_artifact(directory / name, "checkpoints")
+
+
+def _record(cfg: TrainConfig, data: DataBundle, result: FitResult,
+            tracker: tracking.RunTracker, *, log_model: bool) -> None:
+    """Final metrics and artifacts: config, per-epoch CSV, checkpoints, the MLflow model."""
+    tracker.log_metrics(result.best, step=0)
+    _upload_checkpoints(tracker, result.checkpoint_dir)
+    tracker.log_dict(cfg.to_params(), "config.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "epochs.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(result.history[0]))
+            writer.writeheader()
+            writer.writerows(result.history)
+        tracker.log_artifact(path)
+    if log_model:
+        shape = (data.in_channels, data.image_size, data.image_size)
+        _log_mlflow_model(result.model, tracker.run_id, shape)
+
+
+def _log_mlflow_model(model: torch.nn.Module, run_id: str, shape: tuple[int, int, int]) -> None:
+    """Log the best weights as an MLflow model (``mlflow.pytorch.load_model('runs:/ID/model')``),
+    in the pt2 (torch.export) format, which loads without unpickling arbitrary objects."""
+    model = model.cpu().eval()
+    example = torch.rand(2, *shape)  # (B, C, H, W) pixels in [0, 1]
+    nested = mlflow.active_run() is not None
+    # The fluent API is the only way to log an MLflow 3 model to a run; the context is left
+    # without ending the run's final status decision, which RunTracker.end makes right after.
+    with mlflow.start_run(run_id=run_id, nested=nested):
+        mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(),
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    tracking.client().update_run(run_id, status="RUNNING")
+
+
+def default_checkpoint_root() -> Path:
+    return Path(os.environ.get("EPSSTAR_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_ROOT))
