@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
 from typing import Any
 
 # Names accepted on the command line; the registries in data.py / models.py hold the rest.
@@ -43,7 +42,8 @@ def parse_eps(text: str | float | int) -> float:
     else:
         s = str(text).strip()
         try:
-            value = float(Fraction(s)) if "/" in s else float(s)
+            num, _, den = s.partition("/")
+            value = float(num) / float(den) if den else float(num)  # "0.1/255" is fine too
         except (ValueError, ZeroDivisionError):
             raise ConfigError(f"cannot read eps {text!r}: write it as 0.0078 or 2/255") from None
     if not math.isfinite(value):
@@ -91,7 +91,7 @@ class TrainConfig:
     init: str = "scratch"  # scratch | path to a checkpoint | runs:/<run_id> of a run to fine-tune
     # --- not part of the identity of a run (excluded from config_hash) ---
     device: str = field(default="auto", metadata={"identity": False})  # auto | cpu | cuda[:i]
-    workers: int = field(default=0, metadata={"identity": False})  # DataLoader workers
+    loader_workers: int = field(default=0, metadata={"identity": False})  # DataLoader processes
 
     def __post_init__(self) -> None:
         self.validate()

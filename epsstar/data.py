@@ -158,7 +158,7 @@ class _PlacedSVHN(SVHN):
 
     def download(self) -> None:
         if not self._check_integrity():
-            download_url(self.url, self.root, self.filename, self.file_md5)
+            download_url(self.url, self.root, filename=self.filename, md5=self.file_md5)
 
 
 def _read_cifar(cls: type, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:

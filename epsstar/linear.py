@@ -20,8 +20,11 @@ explicit gradient step. At ε = 0 this *is* plain gradient descent on the clean 
 differs from the explicit subgradient step only at second order in the step size. Why not the
 explicit step: its curvature ε² (L2; up to d·ε² for L∞) and the kink of ‖θ‖ at 0 make a fixed step
 diverge or oscillate around 0 once ε ≳ 1, which the grid up to 100·√(d/n) reaches; the proximal
-step is stable for every ε and has exactly the same fixed points (the adversarial minimisers; θ
-stays at 0 once 0 is one). The subgradient of the norm at 0 is never needed.
+step is stable for every ε, its fixed points are exactly the adversarial minimisers, and θ stays at 0
+once 0 is one (the subgradient of the norm at 0 is never needed). The data term keeps the kinks
+of |rᵢ| (through ε‖θ‖_*·mean|r| it behaves like least absolute deviations), so, like any
+subgradient method with a fixed step, the iterates end up hovering within O(step size) of the
+minimiser rather than on it.
 
 **Early stopping (SPEC §2).** θ̂(ε) is the iterate, over steps 0…T, with the smallest adversarial
 *test* loss, here computed exactly (an infinite test set; the paper stopped on its test set):

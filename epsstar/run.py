@@ -66,11 +66,14 @@ def load_init_weights(init: str, *, map_location: str = "cpu") -> dict[str, torc
     return load_checkpoint(init, map_location=map_location)["model"]
 
 
-def _check_init_fits(cfg: TrainConfig, data: DataBundle, weights: dict | None) -> None:
+def _check_model(cfg: TrainConfig, data: DataBundle, weights: dict | None) -> None:
+    """Build the model once before any run exists: an unknown arch or a checkpoint of another
+    architecture fails here, with nothing written to the tracking store."""
+    model = make_model(cfg, data)
     if weights is None:
         return
     try:
-        make_model(cfg, data).load_state_dict(weights)
+        model.load_state_dict(weights)
     except RuntimeError:
         raise ConfigError(f"checkpoint {cfg.init} does not fit arch={cfg.arch} "
                           f"width={cfg.width} dataset={cfg.dataset}") from None
@@ -153,7 +156,7 @@ def run_training(
     """
     data = load_data(cfg, download=download)
     init_weights = load_init_weights(cfg.init)
-    _check_init_fits(cfg, data, init_weights)
+    _check_model(cfg, data, init_weights)
     experiment_id = experiment_id or tracking.get_or_create_experiment()
     root = Path(checkpoint_root)
 

@@ -9,40 +9,41 @@ curve crosses ``threshold`` = R*(0). Units are the caller's (pixel units by conv
 
 How the next ε is chosen, from the completed trials only:
 
-1. The completed runs are averaged per ε and made non-decreasing (isotonic fit), so one noisy
-   pair of seeds cannot send the search the wrong way; the bracket is the largest ε at or below
-   the threshold and the smallest ε above it.
-2. No bracket yet: extrapolate the curve (the secant through the two runs nearest the crossing,
-   or through the clean point (0, clean_train_loss), or through the origin for a single run)
-   and aim a little past the predicted crossing, so the next run is likely to bracket it; the
-   step is a geometric factor between 1.25 and 8 (a flat or noisy curve still makes progress).
-3. Bracket found: safeguarded secant. The crossing is interpolated (a quadratic through a third
-   run corrects for curvature); while the bracket spans more than a factor of 4 the step is
-   kept inside the middle of the bracket in log ε, so a badly curved curve degrades to
-   bisection in log ε rather than to a creeping regula falsi. Once the estimate is within the
-   tolerance of one bracket end, the next run goes just past it on the other side ("closing"
-   step), which collapses the bracket in one run; until then runs land a little off the
-   estimate, towards the far end.
+1. Runs are averaged per ε and made non-decreasing (isotonic fit, the clean point included when
+   known), so one noisy pair of runs cannot send the search the wrong way. The bracket is the
+   largest ε at or below the threshold and the smallest ε above it.
+2. No bracket yet: extrapolate the curve (the secant through the two runs nearest the crossing;
+   with one run, the line through the clean point (0, clean_train_loss), or through the origin
+   when that is unknown) and aim a little past the predicted crossing, by more the less the
+   prediction is trusted, so the next run probably brackets it. Each such step changes ε by a
+   factor between 1.25 and 8, so a flat or noisy extrapolation still makes progress.
+3. Bracket found: safeguarded secant. The crossing is interpolated in the bracketing pair and
+   corrected by the quadratic through a third run (curvature). When the estimate is close
+   enough to one bracket end, the next run goes just past the tolerance on the other side: if
+   it lands there the bracket collapses to within ``rtol`` in one run ("closing" run).
+   Otherwise the run lands 0.4·rtol from the estimate, towards the far end ("approach" run).
+   Brent's rule guards against regula falsi's creeping: if the last two runs did not halve the
+   bracket in log ε, the next run bisects it in log ε.
 4. Stop when the bracket's relative width (upper − lower)/upper ≤ ``rtol``, after ``max_trials``
-   completed runs, or when the crossing is shown to lie outside [eps_low, eps_high].
+   completed runs, or when the crossing is shown to lie outside [eps_low, eps_high] (a run at
+   eps_high still at or below the threshold, or one at eps_low already above it).
 
 Stateless: the sampler writes the ε it picks into the trial's system attributes when the trial
 starts, and derives everything else from ``study.get_trials()``. A restarted driver, a fresh
 sampler object, or a second machine on the same storage continues the same search.
 
 Several workers: every RUNNING (or enqueued) trial's ε counts as pending. A pending run is
-assumed to come out as the current curve predicts ("believer"), and the next ε is planned on top
-of that; if that belief would already end the search, the opposite outcome is assumed instead,
-so the extra run pays off exactly when the prediction is wrong. No ε closer than 0.1·rtol
-(relative) to a pending or completed one is ever proposed.
+assumed to come out as the curve predicts it ("believer", as in batch Bayesian optimisation)
+and the next ε is planned on top of that; if that belief would already end the search, the
+opposite outcome is assumed, so the extra run pays off exactly when the prediction is wrong.
+No ε closer than 0.1·rtol (relative) to a pending or completed one is proposed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -57,45 +58,94 @@ from epsstar.config import ConfigError
 from epsstar.estimate import Estimate, interpolate_epsstar
 
 # System attribute holding the ε a trial was given when it started: other workers read it
-# while the trial is still RUNNING (before or without its ``suggest_float`` call).
+# while the trial is still RUNNING, before (or without) its ``suggest_float`` call.
 EPS_ATTR = "epsstar:eps"
-
-# ---- search constants (dimensionless; chosen with benchmarks/search_efficiency.py) ----
-_MAX_STEP = 8.0  # largest factor between runs while unbracketed: 3 steps cross [0.1, 64]/255
-_MIN_STEP = 1.25  # smallest such factor, so a flat or noisy extrapolation still makes progress
-_OVERSHOOT = 0.25  # aim 25% past an extrapolated crossing so the next run likely brackets it
-_WIDE = 4.0  # above this bracket ratio a step stays in the middle of the bracket in log ε
-_WIDE_MARGIN = 0.15  # ... i.e. at least 15% of the log-width away from either end
-_CLOSE = 0.9  # a closing run lands 0.9·rtol (relative) past the bracket end it pairs with
-_HEDGE = 0.4  # an approaching run lands 0.4·rtol off the estimate, towards the far end
-_DUPLICATE = 0.1  # two ε closer than 0.1·rtol (relative) count as the same run
-_START_STEP = 4.0
-_QUAD_SPREAD = 0.5
-_QUAD_TRUST = 1.5
-_PRIOR_SPREAD = 0.5
-_OVERSHOOT_SPREAD = 1.0
-_MARGIN = 0.25  # first run above ``lower_guess`` when no ``initial_guess`` is given
 
 # Reasons the search is over, as returned by BisectionSampler.stop_reason.
 CONVERGED = "converged"
 MAX_TRIALS = "max_trials"
 ABOVE_RANGE = "above_range"  # the run at eps_high is still at or below the threshold
-BELOW_RANGE = "below_range"  # the run at eps_low is already above the threshold
+BELOW_RANGE = "below_range"  # the run at eps_low (or the clean run) is above the threshold
 
-# Settings stored as study user attributes by ``check_study`` (and compared on reuse).
+# ---- search constants: dimensionless, chosen with benchmarks/search_efficiency.py ----
+_MAX_STEP = 8.0  # largest factor between runs while unbracketed: 3 steps cross [0.1, 64]/255
+_MIN_STEP = 1.25  # smallest such factor, so a flat or noisy extrapolation still makes progress
+_START_STEP = 4.0  # first run at lower_guess × 4 when no initial_guess is given
+_OVERSHOOT = 0.1  # aim 10% (+ the estimate's spread) past an extrapolated crossing
+_PRIOR_SPREAD = 0.5  # spread of a secant estimate: 0.5 × how far it reaches, in log ε (≤ 1)
+_QUAD_SPREAD = 0.5  # spread of a quadratic estimate: 0.5 × its gap to the secant estimate
+_QUAD_TRUST = 1.5  # a quadratic root more than ×1.5 away from the secant root is not used
+_MARGIN = 0.25  # a closing run needs the estimate max(spread, 0.25·rtol) inside the tolerance
+_CLOSE = 0.9  # a closing run lands 0.9·rtol (relative) past the bracket end it pairs with
+_HEDGE = 0.4  # an approach run lands 0.4·rtol off the estimate, towards the far end
+_DUPLICATE = 0.1  # two ε closer than 0.1·rtol (relative) count as the same run
+
+# Settings that must match for two samplers to share a study (see BisectionSampler.check_study).
 _IDENTITY_KEYS = ("threshold", "param_name", "clean_train_loss")
+
+Points = Sequence[tuple[float, float]]  # (ε, loss) of completed runs, in start order
 
 
 @dataclass(frozen=True)
 class _Settings:
     threshold: float  # R*(0)
-    eps_low: float  # search range, ε units (> 0: the search works in log ε)
+    eps_low: float  # search range, ε units; > 0 because the search works in log ε
     eps_high: float
     rtol: float  # stop when (upper - lower) / upper <= rtol
     clean_train_loss: float | None  # the known point (0, clean_train_loss)
     lower_guess: float | None  # an ε believed to be <= ε*
     initial_guess: float | None  # where to run first
-    max_trials: int | None
+    max_trials: int | None  # stop after this many completed runs
+
+
+def _positive(name: str, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+    return None if value is None else float(value)
+
+
+def _validated(
+    threshold: float,
+    eps_low: float,
+    eps_high: float,
+    rtol: float,
+    clean_train_loss: float | None,
+    lower_guess: float | None,
+    initial_guess: float | None,
+    max_trials: int | None,
+) -> _Settings:
+    """Check the user's settings; raise ConfigError with a one-line message on the first fault."""
+    if not math.isfinite(threshold):
+        raise ConfigError(f"threshold must be a finite number, got {threshold}")
+    if eps_low is None or eps_high is None:
+        raise ConfigError("eps_low and eps_high are required")
+    _positive("eps_low (the search works in log eps)", eps_low)
+    _positive("eps_high", eps_high)
+    if eps_low >= eps_high:
+        raise ConfigError(f"need eps_low < eps_high, got {eps_low:g} >= {eps_high:g}")
+    if not (math.isfinite(rtol) and 0 < rtol < 1):
+        raise ConfigError(f"rtol must be in (0, 1), got {rtol}")
+    if clean_train_loss is not None and not math.isfinite(clean_train_loss):
+        raise ConfigError(f"clean_train_loss must be a finite number, got {clean_train_loss}")
+    for name, guess in (("lower_guess", lower_guess), ("initial_guess", initial_guess)):
+        if _positive(name, guess) is not None and not eps_low <= guess <= eps_high:
+            raise ConfigError(
+                f"{name} {guess:g} lies outside the search range [{eps_low:g}, {eps_high:g}]"
+            )
+    if max_trials is not None and (
+        isinstance(max_trials, bool) or int(max_trials) != max_trials or max_trials < 1
+    ):
+        raise ConfigError(f"max_trials must be an integer >= 1, got {max_trials}")
+    return _Settings(
+        threshold=float(threshold),
+        eps_low=float(eps_low),
+        eps_high=float(eps_high),
+        rtol=float(rtol),
+        clean_train_loss=None if clean_train_loss is None else float(clean_train_loss),
+        lower_guess=_positive("lower_guess", lower_guess),
+        initial_guess=_positive("initial_guess", initial_guess),
+        max_trials=None if max_trials is None else int(max_trials),
+    )
 
 
 # --------------------------------------------------------------------------- the curve
@@ -103,14 +153,14 @@ class _Settings:
 class _Curve:
     """R̂ against ε as seen through runs: one mean per ε, made non-decreasing (isotonic fit).
 
-    ``eps`` may start with 0 (the clean point); it never holds duplicates.
+    ``eps`` may start with 0 (the clean point); it holds no duplicates.
     """
 
     eps: np.ndarray  # (m,) sorted distinct ε
     loss: np.ndarray  # (m,) non-decreasing fitted loss
 
     @classmethod
-    def fit(cls, points: Sequence[tuple[float, float]]) -> _Curve:
+    def fit(cls, points: Points) -> _Curve:
         if not points:
             return cls(np.empty(0), np.empty(0))
         x, y = np.asarray(points, dtype=float).T
@@ -123,7 +173,7 @@ class _Curve:
     def bracket(self, threshold: float) -> tuple[float | None, float | None]:
         """(largest ε > 0 at or below ``threshold``, smallest ε above it); None when missing."""
         below = self.eps[(self.loss <= threshold) & (self.eps > 0)]
-        above = self.eps[self.loss > threshold]
+        above = self.eps[(self.loss > threshold) & (self.eps > 0)]
         return (float(below[-1]) if below.size else None, float(above[0]) if above.size else None)
 
     def predict(self, eps: float) -> float | None:
@@ -135,20 +185,19 @@ class _Curve:
         return float(y0 + (y1 - y0) * (eps - x0) / (x1 - x0))
 
     def crossing(self, threshold: float) -> tuple[float, float] | None:
-        """Predicted ε* and its relative uncertainty, or None when the curve gives no slope.
+        """Predicted ε* and its relative uncertainty ("spread"); None when there is no slope.
 
         The secant through the two runs nearest the crossing (the first bracketing pair, or the
         last/first two runs when the crossing is not bracketed), corrected by the quadratic
-        through the nearest third run when that stays close; the correction's size stands in
-        for the uncertainty. Without a third run the uncertainty grows with how far the secant
-        reaches (or how wide the bracket is).
+        through the nearest third run; half their gap is the spread. Without a usable third run
+        the spread grows with how far the secant reaches (or how wide the bracket is).
         """
         n = self.eps.size
         if n < 2:
             return None
         above = np.flatnonzero(self.loss > threshold)
         i = int(above[0]) if above.size else n  # first index above the threshold
-        b = min(max(i, 1), n - 1)  # the runs (b - 1, b) are the nearest to the crossing
+        b = min(max(i, 1), n - 1)  # runs b - 1 and b are the nearest to the crossing
         linear = self._secant_root(b - 1, b, threshold)
         if linear is None:
             return None
@@ -173,8 +222,8 @@ class _Curve:
     def _quadratic_root(
         self, b: int, threshold: float, window: tuple[float, float], linear: float
     ) -> float | None:
-        """Root in ``window`` of the quadratic through runs b-1, b and the nearest third run,
-        if it lies within a factor ``_QUAD_TRUST`` of the linear root."""
+        """Root in ``window`` of the quadratic through runs b - 1, b and the third run nearest
+        the secant root, when it lies within a factor ``_QUAD_TRUST`` of that root."""
         third = [j for j in (b - 2, b + 1) if 0 <= j < self.eps.size]
         if not third:
             return None
@@ -184,7 +233,7 @@ class _Curve:
         roots = [
             r.real
             for r in np.roots(coef)
-            if abs(r.imag) < 1e-9 * abs(r) and window[0] < r.real < window[1]
+            if abs(r.imag) <= 1e-9 * abs(r) and window[0] < r.real < window[1]
         ]
         if not roots:
             return None
@@ -192,40 +241,43 @@ class _Curve:
         return root if abs(math.log(root / linear)) <= math.log(_QUAD_TRUST) else None
 
 
+def _observed(points: Points, s: _Settings) -> _Curve:
+    """The runs as a curve, with the clean point when it is known (as estimate_from_study)."""
+    clean = [] if s.clean_train_loss is None else [(0.0, s.clean_train_loss)]
+    return _Curve.fit([*points, *clean])
+
+
+def _model(points: Points, s: _Settings) -> _Curve:
+    """The curve used for predictions: :func:`_observed`, plus the origin for a lone run.
+
+    Losses are ≥ 0, so with one run and no clean point the line through the origin is a
+    cautious guess: for a curve with a positive intercept it lands between the run and ε*.
+    """
+    if s.clean_train_loss is None and len({eps for eps, _ in points}) == 1:
+        return _Curve.fit([*points, (0.0, 0.0)])
+    return _observed(points, s)
+
+
 # --------------------------------------------------------------------------- planning
-def _search_over(
-    points: Sequence[tuple[float, float]], s: _Settings, n_complete: int | None = None
-) -> str | None:
+def _search_over(points: Points, s: _Settings, n_complete: int | None = None) -> str | None:
     """Why the search is over given completed (ε, loss) results, or None while it goes on.
 
     ``n_complete`` (default: the number of points) is what ``max_trials`` is compared with.
     """
-    clean = [] if s.clean_train_loss is None else [(0.0, s.clean_train_loss)]
-    lo, hi = _Curve.fit([*points, *clean]).bracket(s.threshold)
+    if s.clean_train_loss is not None and s.clean_train_loss > s.threshold:
+        return BELOW_RANGE  # already above at ε = 0 (no generalisation gap): nothing to run
+    lo, hi = _observed(points, s).bracket(s.threshold)
     near = 1.0 + _DUPLICATE * s.rtol  # a run this close to a range end counts as at that end
     if lo is not None and hi is not None and (hi - lo) / hi <= s.rtol:
         return CONVERGED
     if hi is None and lo is not None and lo * near >= s.eps_high:
         return ABOVE_RANGE
-    if hi is not None and lo is None and hi <= s.eps_low * near:
+    if lo is None and hi is not None and hi <= s.eps_low * near:
         return BELOW_RANGE
     n_complete = len(points) if n_complete is None else n_complete
     if s.max_trials is not None and n_complete >= s.max_trials:
         return MAX_TRIALS
     return None
-
-
-def _model(points: Sequence[tuple[float, float]], s: _Settings) -> _Curve:
-    """The curve used to predict: runs plus the clean point, or plus the origin for one run.
-
-    Losses are ≥ 0, so with a single run and no clean point the line through the origin is a
-    conservative guess: for a curve with positive intercept it lands between the run and ε*.
-    """
-    if s.clean_train_loss is not None:
-        return _Curve.fit([*points, (0.0, s.clean_train_loss)])
-    if len({eps for eps, _ in points}) == 1:
-        return _Curve.fit([*points, (0.0, 0.0)])
-    return _Curve.fit(points)
 
 
 def _start(s: _Settings) -> float:
@@ -237,12 +289,11 @@ def _start(s: _Settings) -> float:
 
 
 def _grow(lo: float, estimate: tuple[float, float] | None) -> float:
-    """Next ε above ``lo`` when every run so far is at or below the threshold."""
+    """Next ε above ``lo`` when no run so far is above the threshold."""
     if estimate is None or estimate[0] <= lo:
         return lo * _MAX_STEP
     root, spread = estimate
-    aim = root * (1 + _OVERSHOOT + _OVERSHOOT_SPREAD * spread)
-    return float(np.clip(aim, lo * _MIN_STEP, lo * _MAX_STEP))
+    return float(np.clip(root * (1 + _OVERSHOOT + spread), lo * _MIN_STEP, lo * _MAX_STEP))
 
 
 def _shrink(hi: float, estimate: tuple[float, float] | None) -> float:
@@ -250,23 +301,18 @@ def _shrink(hi: float, estimate: tuple[float, float] | None) -> float:
     if estimate is None or estimate[0] >= hi:
         return hi / _MAX_STEP
     root, spread = estimate
-    aim = root / (1 + _OVERSHOOT + _OVERSHOOT_SPREAD * spread)
-    return float(np.clip(aim, hi / _MAX_STEP, hi / _MIN_STEP))
+    return float(np.clip(root / (1 + _OVERSHOOT + spread), hi / _MAX_STEP, hi / _MIN_STEP))
 
 
 def _refine(lo: float, hi: float, estimate: tuple[float, float] | None, rtol: float) -> float:
-    """Next ε inside the bracket (lo, hi)."""
-    if estimate is None:  # no usable slope: plain bisection in log ε
-        root, spread = math.sqrt(lo * hi), 1.0
-    else:
-        root, spread = min(max(estimate[0], lo), hi), estimate[1]
-    if hi / lo > _WIDE:  # wide bracket: stay in its log-middle (bisection-like safeguard)
-        span = math.log(hi / lo) * _WIDE_MARGIN
-        return float(np.clip(root, lo * math.exp(span), hi * math.exp(-span)))
+    """Next ε inside the bracket (lo, hi): a closing run if it looks safe, else an approach."""
+    if estimate is None:  # no usable slope: bisect in log ε
+        return math.sqrt(lo * hi)
+    root, spread = min(max(estimate[0], lo), hi), estimate[1]
     margin = max(spread, _MARGIN * rtol)  # how far off the estimate may be
     close_up = lo / (1 - _CLOSE * rtol)  # an above result here closes the bracket
     close_down = hi * (1 - _CLOSE * rtol)  # a below result here closes it
-    closing = []  # (distance from the estimate, ε) of the closing steps that look safe
+    closing = []  # (relative distance from the estimate, ε) of the closing runs that look safe
     if close_up < hi and root * (1 + margin) <= close_up:
         closing.append((close_up / root, close_up))
     if close_down > lo and root / (1 + margin) >= close_down:
@@ -278,30 +324,55 @@ def _refine(lo: float, hi: float, estimate: tuple[float, float] | None, rtol: fl
     return float(np.clip(step, lo * (1 + _DUPLICATE * rtol), hi / (1 + _DUPLICATE * rtol)))
 
 
-def _next_eps(points: Sequence[tuple[float, float]], s: _Settings) -> float:
-    """The ε to run next given (ε, loss) results, real or believed (single-worker rule)."""
-    lo, hi = _Curve.fit(points).bracket(s.threshold)
-    if s.lower_guess is not None and (hi is None or s.lower_guess < hi):
-        lo = max(lo or 0.0, s.lower_guess)
-    estimate = _model(points, s).crossing(s.threshold)
+def _log_width(points: Points, s: _Settings) -> float:
+    lo, hi = _observed(points, s).bracket(s.threshold)
+    return math.log(hi / lo) if lo is not None and hi is not None else math.inf
+
+
+def _stalled(points: Points, s: _Settings) -> bool:
+    """True when the last two runs (in start order) did not halve the bracket in log ε.
+
+    That is regula falsi's failure mode on a strongly curved curve: creeping up on the crossing
+    from one side while the far end never moves. The next run then bisects (Brent's rule).
+    """
+    if len(points) < 3:
+        return False
+    before = _log_width(points[:-2], s)
+    return math.isfinite(before) and _log_width(points, s) > 0.5 * before
+
+
+def _next_eps(points: Points, s: _Settings, *, stalled: bool) -> float:
+    """The ε to run next given (ε, loss) results, real or believed (the one-worker rule)."""
+    lo, hi = _observed(points, s).bracket(s.threshold)
     if lo is None and hi is None:
-        eps = _start(s)
-    elif hi is None:
+        return _start(s)
+    if s.lower_guess is not None and (hi is None or s.lower_guess < hi):
+        lo = max(lo or 0.0, s.lower_guess)  # trusted until a run above contradicts it
+    estimate = _model(points, s).crossing(s.threshold)
+    if hi is None:
         eps = _grow(lo, estimate)
     elif lo is None:
         eps = _shrink(hi, estimate)
+    elif stalled:
+        eps = math.sqrt(lo * hi)
     else:
         eps = _refine(lo, hi, estimate, s.rtol)
     return float(np.clip(eps, s.eps_low, s.eps_high))
 
 
+def _mirror(loss: float, threshold: float) -> float:
+    """The loss reflected to the other side of ``threshold`` (strictly above when at it)."""
+    gap = max(abs(loss - threshold), 1e-9 * max(abs(threshold), 1.0))
+    return threshold + gap if loss <= threshold else threshold - gap
+
+
 def _believe(
-    points: list[tuple[float, float]], pending: Sequence[float], s: _Settings, flip_last: bool
+    points: Points, pending: Sequence[float], s: _Settings, *, flip_last: bool
 ) -> list[tuple[float, float]]:
-    """Add each pending ε with the loss the curve predicts for it (in the order they started).
+    """``points`` plus each pending ε with the loss the curve predicts for it, in start order.
 
     With ``flip_last`` the last pending run is assumed to land on the other side of the
-    threshold instead. Pending runs the curve cannot predict yet are left out.
+    threshold instead. Pending runs the curve cannot predict yet (no slope) are left out.
     """
     believed = list(points)
     for k, eps in enumerate(pending):
@@ -314,34 +385,27 @@ def _believe(
     return believed
 
 
-def _mirror(loss: float, threshold: float) -> float:
-    """The loss reflected to the other side of ``threshold`` (strictly above when at it)."""
-    gap = max(abs(loss - threshold), 1e-9 * max(abs(threshold), 1.0))
-    return threshold + gap if loss <= threshold else threshold - gap
-
-
-def _plan(points: list[tuple[float, float]], pending: Sequence[float], s: _Settings) -> float:
-    """The ε for a new trial, given completed (ε, loss) results and the ε of pending trials."""
-    believed = _believe(points, pending, s, flip_last=False)
-    if pending and _search_over(believed, s, n_complete=0) is not None:
-        believed = _believe(points, pending, s, flip_last=True)
-    eps = _next_eps(believed, s)
-    return _avoid_duplicates(eps, [e for e, _ in points] + list(pending), s)
-
-
 def _avoid_duplicates(eps: float, held: Sequence[float], s: _Settings) -> float:
-    """``eps`` unless a held ε is within the duplicate distance; then the middle (in log ε) of
-    the widest gap between held ε inside the range, which is always a new, informative run."""
+    """``eps`` unless a held ε is within the duplicate distance; then the log-middle of the
+    widest gap between held ε inside the range: always a new run, and still informative."""
     tol = _DUPLICATE * s.rtol
     if all(abs(eps - h) > tol * max(eps, h) for h in held):
         return eps
     edges = np.unique(np.clip([s.eps_low, s.eps_high, *held], s.eps_low, s.eps_high))
-    gaps = np.diff(np.log(edges))
-    j = int(np.argmax(gaps))
+    j = int(np.argmax(np.diff(np.log(edges))))
     return float(math.sqrt(edges[j] * edges[j + 1]))
 
 
-# --------------------------------------------------------------------------- reading the study
+def _plan(points: Points, pending: Sequence[float], s: _Settings) -> float:
+    """The ε for a new trial, given completed (ε, loss) results and the ε of pending trials."""
+    believed = _believe(points, pending, s, flip_last=False)
+    if pending and _search_over(believed, s, n_complete=0) is not None:
+        believed = _believe(points, pending, s, flip_last=True)
+    eps = _next_eps(believed, s, stalled=_stalled(points, s))
+    return _avoid_duplicates(eps, [e for e, _ in points] + list(pending), s)
+
+
+# --------------------------------------------------------------------------- reading a study
 def _held_eps(trial: FrozenTrial, param_name: str) -> float | None:
     """The ε a trial ran (or runs) at: its parameter, else the ε given at its start, else the
     ε it was enqueued with."""
@@ -360,11 +424,11 @@ def _read_trials(
     skip: int | None = None,
     finished: tuple[int, float] | None = None,
 ) -> tuple[list[tuple[float, float]], list[float]]:
-    """Completed (ε, loss) results and the ε of pending (RUNNING/WAITING) trials, by start order.
+    """Completed (ε, loss) results and the ε of pending (RUNNING/WAITING) trials, by number.
 
     Failed and pruned trials, and completed ones with a non-finite loss, are ignored. ``skip``
     leaves out the trial being planned; ``finished`` = (number, loss) counts a trial that is
-    finishing right now (Optuna stores its state only after ``after_trial``) as completed.
+    finishing right now as completed (Optuna stores its state only after ``after_trial``).
     """
     points: list[tuple[float, float]] = []
     pending: list[float] = []
@@ -385,54 +449,8 @@ def _read_trials(
     return points, pending
 
 
-# --------------------------------------------------------------------------- the sampler
-def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-
-
-def _validated(
-    threshold: float,
-    eps_low: float,
-    eps_high: float,
-    rtol: float,
-    clean_train_loss: float | None,
-    lower_guess: float | None,
-    initial_guess: float | None,
-    max_trials: int | None,
-) -> _Settings:
-    if not math.isfinite(threshold):
-        raise ConfigError(f"threshold must be a finite number, got {threshold}")
-    _check_positive("eps_low (the search works in log eps)", eps_low, allow_none=False)
-    _check_positive("eps_high", eps_high, allow_none=False)
-    if eps_low >= eps_high:
-        raise ConfigError(f"need eps_low < eps_high, got {eps_low:g} >= {eps_high:g}")
-    if not (math.isfinite(rtol) and 0 < rtol < 1):
-        raise ConfigError(f"rtol must be in (0, 1), got {rtol}")
-    if clean_train_loss is not None and not math.isfinite(clean_train_loss):
-        raise ConfigError(f"clean_train_loss must be a finite number, got {clean_train_loss}")
-    for name, guess in (("lower_guess", lower_guess), ("initial_guess", initial_guess)):
-        _check_positive(name, guess)
-        if guess is not None and not eps_low <= guess <= eps_high:
-            raise ConfigError(
-                f"{name} {guess:g} lies outside the search range [{eps_low:g}, {eps_high:g}]"
-            )
-    if max_trials is not None and (isinstance(max_trials, bool) or int(max_trials) != max_trials
-                                   or max_trials < 1):
-        raise ConfigError(f"max_trials must be an integer >= 1, got {max_trials}")
-    return _Settings(
-        float(threshold), float(eps_low), float(eps_high), float(rtol),
-        None if clean_train_loss is None else float(clean_train_loss),
-        None if lower_guess is None else float(lower_guess),
-        None if initial_guess is None else float(initial_guess),
-        None if max_trials is None else int(max_trials),
-    )
-
-
 def _request_stop(study: Study) -> None:
-    """Ask ``study.optimize`` to return after the running trials."""
+    """Ask ``study.optimize`` to return once the running trials are done."""
     try:
         study.stop()
     except RuntimeError:
@@ -440,38 +458,42 @@ def _request_stop(study: Study) -> None:
         pass
 
 
+# --------------------------------------------------------------------------- the sampler
 class BisectionSampler(BaseSampler):
     """Proposes the ε of each adversarial training run so that ε* is found in few runs.
 
-    The objective must suggest ``param_name`` with ``trial.suggest_float(param_name, eps_low,
-    eps_high)`` (``log=True`` or not) and return the run's adversarial training loss
-    R̂(θ̂(ε), ε); a NaN return marks the trial FAILED and it is ignored. The search and its
-    stopping rules are described in the module docstring. Once it is over,
-    ``study.optimize`` returns (``study.stop()``); a trial asked after that is pruned at its
-    ``suggest_float`` call, before any training. Ask-and-tell drivers check
-    :meth:`stop_reason` before asking.
+    The objective suggests ``param_name`` with ``trial.suggest_float(param_name, eps_low,
+    eps_high)`` (``log=True`` or not) and returns the run's adversarial training loss
+    R̂(θ̂(ε), ε); a NaN return makes the trial FAILED, and failed trials are ignored. The search
+    and its stopping rules are described in the module docstring. When the search is over the
+    sampler calls ``study.stop()``, and a trial started after that is pruned at its
+    ``suggest_float`` call, before any training; ask-and-tell drivers check
+    :meth:`stop_reason` before asking. Other parameters the objective suggests are drawn by a
+    seeded random sampler.
 
     Args:
         threshold: R*(0), the clean model's clean test loss; ε* is where the loss crosses it.
         eps_low: smallest ε the search may run, in the objective's ε units (pixel units by
             convention, e.g. 0.1/255); > 0 because the search works in log ε.
         eps_high: largest ε the search may run, same units.
-        rtol: stop once the bracket (largest ε at or below the threshold, smallest above it)
+        rtol: stop once the bracket (largest ε at or below the threshold, smallest ε above it)
             has relative width (upper - lower) / upper <= rtol.
-        clean_train_loss: the clean run's training loss, used as the known point (0, ·) from
-            the first proposal on (and by :func:`estimate_from_study` once recorded).
+        clean_train_loss: the clean run's training loss, the known point (0, ·), used from the
+            first proposal on (and by :func:`estimate_from_study` once recorded). Above the
+            threshold, the search is over before any run: ε* is below the range.
         lower_guess: an ε believed to be <= ε* (e.g. where the clean model's attacked training
-            loss reaches the threshold); no run is proposed below it unless a run contradicts it.
+            loss reaches the threshold); no run goes below it unless a run contradicts it.
         initial_guess: where to run first (e.g. the fine-tuning extrapolation of SPEC §5).
             Default: ``lower_guess`` × 4, else the geometric middle of the range.
         max_trials: stop after this many completed runs.
         param_name: the name of the ε parameter.
-        seed: seeds the random sampler that draws any parameter other than ``param_name``;
-            the ε proposals themselves are deterministic.
+        seed: seed of the random sampler for parameters other than ``param_name``; the ε
+            proposals themselves are deterministic.
 
     Raises:
-        ConfigError: on a non-finite threshold, eps_low <= 0, eps_low >= eps_high, rtol
-            outside (0, 1), a guess outside the range, or max_trials < 1.
+        ConfigError: on a non-finite threshold or clean_train_loss, eps_low <= 0,
+            eps_low >= eps_high, rtol outside (0, 1), a guess outside the range, or
+            max_trials < 1.
 
     Example:
         >>> import optuna
@@ -481,12 +503,12 @@ class BisectionSampler(BaseSampler):
         ... )
         >>> study = optuna.create_study(direction="minimize", sampler=sampler)
         >>> sampler.check_study(study)  # records threshold etc. as study user attrs
-        >>> def objective(trial):  # stand-in for one adversarial training run
+        >>> def objective(trial):  # stands in for one adversarial training run
         ...     eps = trial.suggest_float("eps", 0.1 / 255, 64 / 255, log=True)
         ...     return 0.0403 + 0.1205 * eps * 255
         >>> study.optimize(objective, n_trials=20)
         >>> sampler.stop_reason(study), len(study.trials)
-        ('converged', 3)
+        ('converged', 4)
         >>> round(estimate_from_study(study).epsstar * 255, 2)
         3.33
     """
@@ -506,7 +528,13 @@ class BisectionSampler(BaseSampler):
         seed: int | None = None,
     ) -> None:
         self._settings = _validated(
-            threshold, eps_low, eps_high, rtol, clean_train_loss, lower_guess, initial_guess,
+            threshold,
+            eps_low,
+            eps_high,
+            rtol,
+            clean_train_loss,
+            lower_guess,
+            initial_guess,
             max_trials,
         )
         if not isinstance(param_name, str) or not param_name:
@@ -516,22 +544,25 @@ class BisectionSampler(BaseSampler):
 
     # ---------------------------------------------------------------- public helpers
     def describe(self) -> dict[str, Any]:
-        """The settings, JSON-ready, as they are stored in the study's user attributes."""
-        return {**dataclasses.asdict(self._settings), "param_name": self.param_name,
-                "sampler": type(self).__name__}
+        """The settings, JSON-ready: what :meth:`check_study` stores as study user attrs."""
+        return {
+            **asdict(self._settings),
+            "param_name": self.param_name,
+            "sampler": type(self).__name__,
+        }
 
     def check_study(self, study: Study) -> None:
         """Refuse a study searched with another threshold, ε name or clean loss; record ours.
+
+        Call once after ``optuna.create_study(..., load_if_exists=True)``.
 
         Raises:
             ConfigError: when the study's stored settings differ (see :func:`ensure_compatible`).
         """
         settings = self.describe()
-        ensure_compatible(
-            study, settings["threshold"], **{k: settings[k] for k in _IDENTITY_KEYS[1:]}
-        )
+        ensure_compatible(study, **{k: settings[k] for k in _IDENTITY_KEYS})
         for key, value in settings.items():
-            if study.user_attrs.get(key, _MISSING) != value:
+            if key not in study.user_attrs or not _same(study.user_attrs[key], value):
                 study.set_user_attr(key, value)
 
     def stop_reason(self, study: Study) -> str | None:
@@ -552,8 +583,9 @@ class BisectionSampler(BaseSampler):
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         # Pick ε as soon as the trial exists and store it where every worker reads it, so a
-        # second worker asking now plans around it (GridSampler does the same with grid_id).
-        self._raise_error_if_multi_objective(study)
+        # worker asking next plans around it (GridSampler stores its grid_id the same way).
+        if len(study.directions) != 1:
+            raise ConfigError("BisectionSampler needs a single-objective study")
         if EPS_ATTR in trial.system_attrs:
             return
         fixed = trial.system_attrs.get("fixed_params") or {}
@@ -574,10 +606,10 @@ class BisectionSampler(BaseSampler):
         if param_name != self.param_name:
             return self._others.sample_independent(study, trial, param_name, param_distribution)
         if not isinstance(param_distribution, FloatDistribution) or param_distribution.step:
-            raise ConfigError(f"{param_name} must be suggested with suggest_float (no step)")
+            raise ConfigError(f"suggest {param_name!r} with suggest_float and no step")
         trials = study.get_trials(deepcopy=False)
         eps = trial.system_attrs.get(EPS_ATTR)
-        if eps is None or _taken_before(trials, trial.number, float(eps), self):
+        if eps is None or self._taken_before(trials, trial.number, float(eps)):
             reason = self._stop_reason(trials)
             if reason is not None:
                 _request_stop(study)
@@ -613,58 +645,30 @@ class BisectionSampler(BaseSampler):
         points, pending = _read_trials(trials, self.param_name, skip=number)
         return _plan(points, pending, self._settings)
 
-
-_MISSING = object()
+    def _taken_before(self, trials: Sequence[FrozenTrial], number: int, eps: float) -> bool:
+        """True when an earlier, live trial holds (about) the same ε: two workers planned at
+        the same instant without seeing each other, and the later one must plan again."""
+        tol = _DUPLICATE * self._settings.rtol
+        live = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE)
+        for t in trials:
+            held = _held_eps(t, self.param_name)
+            if t.number < number and t.state in live and held is not None:
+                if abs(held - eps) <= tol * max(held, eps):
+                    return True
+        return False
 
 
 def _store_eps(study: Study, trial: FrozenTrial, eps: float) -> None:
+    # Optuna has no public setter for a FrozenTrial's system attrs; its own GridSampler uses
+    # this storage call in before_trial.
     study._storage.set_trial_system_attr(trial._trial_id, EPS_ATTR, eps)
-
-
-def _taken_before(
-    trials: Sequence[FrozenTrial], number: int, eps: float, sampler: BisectionSampler
-) -> bool:
-    """True when an earlier trial holds (about) the same ε: two workers planned at the same
-    instant without seeing each other; the later one plans again."""
-    tol = _DUPLICATE * sampler._settings.rtol
-    for t in trials:
-        held = _held_eps(t, sampler.param_name)
-        if t.number < number and held is not None and t.state != TrialState.FAIL:
-            if abs(held - eps) <= tol * max(held, eps):
-                return True
-    return False
 
 
 # --------------------------------------------------------------------------- study records
 def study_settings(study: Study) -> dict[str, Any]:
     """The sampler settings recorded in a study's user attributes (empty for a fresh study)."""
-    keys = {f.name for f in dataclasses.fields(_Settings)} | {"param_name", "sampler"}
+    keys = {f.name for f in fields(_Settings)} | {"param_name", "sampler"}
     return {k: v for k, v in study.user_attrs.items() if k in keys}
-
-
-def ensure_compatible(study: Study, threshold: float, **extra: Any) -> None:
-    """Raise ConfigError unless the study was created for the same threshold (and ``extra``).
-
-    Only keys already stored in the study's user attributes are compared, so a fresh study is
-    always compatible. Floats compare with a relative tolerance of 1e-9 (JSON round trips).
-
-    Example:
-        >>> import optuna
-        >>> study = optuna.create_study()
-        >>> study.set_user_attr("threshold", 0.441)
-        >>> ensure_compatible(study, 0.441, norm="linf")  # norm not stored yet: fine
-        >>> ensure_compatible(study, 0.5)
-        Traceback (most recent call last):
-        ...
-        epsstar.config.ConfigError: study ... was searched with threshold=0.441, not 0.5; ...
-    """
-    stored = study.user_attrs
-    for key, value in {"threshold": threshold, **extra}.items():
-        if key in stored and not _same(stored[key], value):
-            raise ConfigError(
-                f"study {study.study_name!r} was searched with {key}={stored[key]!r}, "
-                f"not {value!r}; use a new study name"
-            )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -674,26 +678,55 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def ensure_compatible(study: Study, threshold: float, **extra: Any) -> None:
+    """Raise ConfigError unless the study was searched with this threshold (and ``extra``).
+
+    Only keys the study's user attributes already hold with a non-null value are compared, so
+    a fresh study is always compatible. Numbers compare with a relative tolerance of 1e-9.
+
+    Example:
+        >>> import optuna
+        >>> study = optuna.create_study(study_name="cifar10-10k")
+        >>> study.set_user_attr("threshold", 0.441)
+        >>> ensure_compatible(study, 0.441, norm="linf")  # norm not recorded: not compared
+        >>> ensure_compatible(study, 0.5)
+        Traceback (most recent call last):
+        ...
+        epsstar.config.ConfigError: study 'cifar10-10k' was searched with threshold=0.441, \
+not 0.5; use a new study name
+    """
+    stored = study.user_attrs
+    for key, value in {"threshold": threshold, **extra}.items():
+        if stored.get(key) is not None and not _same(stored[key], value):
+            raise ConfigError(
+                f"study {study.study_name!r} was searched with {key}={stored[key]!r}, "
+                f"not {value!r}; use a new study name"
+            )
+
+
 def estimate_from_study(
     study: Study, threshold: float | None = None, *, clean_train_loss: float | None = None
 ) -> Estimate:
     """ε* from a study's completed trials (SPEC §3: first bracketing pair, isotonic if needed).
 
     Args:
-        study: a study searched with :class:`BisectionSampler` (or any study whose trials
-            hold the ε parameter and the loss as their value).
+        study: a study searched with :class:`BisectionSampler`, or any study whose trials hold
+            the ε parameter (the ``param_name`` user attribute, default ``"eps"``) and the
+            adversarial training loss as their value.
         threshold: R*(0); default: the study's ``threshold`` user attribute.
         clean_train_loss: the clean point (0, ·); default: the study's ``clean_train_loss``
-            user attribute, if any.
+            user attribute, when recorded.
 
     Returns:
-        The :class:`~epsstar.estimate.Estimate` in the trials' ε units: ``lower``/``upper`` is
-        the bracket, ``bound`` is ``"above"`` (ε* > the largest tried ε) or ``"below"``
+        The :class:`~epsstar.estimate.Estimate` in the trials' ε units. ``lower``/``upper`` is
+        the bracket; ``bound`` is ``"above"`` (ε* > the largest tried ε) or ``"below"``
         (ε* < the smallest) when the crossing lies outside the tried range. Failed trials and
-        non-finite losses are ignored; runs repeated at one ε are averaged.
+        non-finite losses are ignored; runs repeated at one ε are averaged. Before any run
+        completes, the clean point alone gives a bound (ε* > 0, or ε* < 0 when the clean
+        training loss is already above the threshold).
 
     Raises:
-        ConfigError: without a threshold, or when no trial has completed.
+        ConfigError: without a threshold, or with neither a completed trial nor a clean point.
     """
     attrs = study.user_attrs
     if threshold is None:
@@ -704,8 +737,9 @@ def estimate_from_study(
         threshold = float(attrs["threshold"])
     if clean_train_loss is None:
         clean_train_loss = attrs.get("clean_train_loss")
-    param_name = attrs.get("param_name", "eps")
-    points, _ = _read_trials(study.get_trials(deepcopy=False), param_name)
+    points, _ = _read_trials(study.get_trials(deepcopy=False), attrs.get("param_name", "eps"))
+    if not points and clean_train_loss is not None:  # no run yet: the clean point alone
+        return interpolate_epsstar([0.0], [clean_train_loss], threshold)
     if not points:
         raise ConfigError(f"study {study.study_name!r} has no completed trial to estimate from")
     eps, losses = zip(*points, strict=True)

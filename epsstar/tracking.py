@@ -52,6 +52,7 @@ EPOCH_METRICS = (
 FINAL_METRICS = (
     "best_epoch",
     "best_train_adv_loss",
+    "best_train_adv_acc",
     "best_train_eval_loss",
     "best_test_adv_loss",
     "best_test_clean_loss",
@@ -108,12 +109,19 @@ def get_or_create_experiment(name: str | None = None) -> str:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 return c.get_experiment_by_name(name).experiment_id
-    except MlflowException as err:
-        raise TrackingError(f"tracking store {mlflow.get_tracking_uri()}: {_short(err)}") from None
-    except Exception as err:  # connection refused, DNS, bad scheme...
-        raise TrackingError(
-            f"cannot reach tracking store {mlflow.get_tracking_uri()}: {_short(err)}"
-        ) from None
+    except Exception as err:  # connection refused, DNS, bad scheme, permission...
+        raise TrackingError(_describe_failure(mlflow.get_tracking_uri(), err)) from None
+
+
+_NETWORK_HINTS = ("Connection refused", "Max retries exceeded", "Name or service not known",
+                  "timed out", "Failed to establish a new connection")
+
+
+def _describe_failure(uri: str, err: BaseException) -> str:
+    text = str(err)
+    if any(hint in text for hint in _NETWORK_HINTS):
+        return f"cannot reach tracking store {uri}: no server answers there"
+    return f"tracking store {uri}: {_short(err)}"
 
 
 def _short(err: BaseException) -> str:

@@ -180,6 +180,7 @@ def fit(
     device = resolve_device(cfg.device)
     configure_cpu_threads(device, data)
     checkpoint_dir = Path(checkpoint_dir)
+    torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed fixes
     model = make_model(cfg, data).to(device)
     optimizer = make_optimizer(cfg, model)
     steps_per_epoch = len(make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed))
@@ -208,7 +209,7 @@ def fit(
         epoch_seed = cfg.seed * 100_003 + epoch  # per epoch, so a resumed run draws the same
         torch.manual_seed(epoch_seed)  # attack random starts
         loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=epoch_seed,
-                             workers=cfg.workers)
+                             workers=cfg.loader_workers)
         lr = optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch, **train_epoch(model, loader, optimizer, scheduler, cfg, device)}
         row.update(_eval_epoch(model, eval_loader, cfg, device), lr=lr,
@@ -246,6 +247,7 @@ def _best_summary(row: dict[str, float]) -> dict[str, float]:
     return {
         "best_epoch": row["epoch"],
         "best_train_adv_loss": row["train_adv_loss"],
+        "best_train_adv_acc": row["train_adv_acc"],
         "best_test_adv_loss": row["test_adv_loss"],
         "best_test_clean_loss": row["test_clean_loss"],
         "best_test_adv_acc": row["test_adv_acc"],

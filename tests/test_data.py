@@ -179,6 +179,49 @@ def test_an_unreadable_file_is_a_data_error(tmp_path):
         load_data(_cfg(dataset="mnist", data_dir=str(tmp_path)))
 
 
+class Downloaded(Exception):
+    """Raised by the stand-in download functions below: no test touches the network."""
+
+
+def _no_network(monkeypatch) -> list[str | None]:
+    """Replace torchvision's download functions; returns the md5 each call was asked to verify."""
+    md5s: list[str | None] = []
+
+    def fake(url, *args, md5=None, **kwargs):
+        md5s.append(md5)
+        raise Downloaded(url)
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", fake)
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", fake)
+    monkeypatch.setattr("epsstar.data.download_url", fake)
+    return md5s
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_placed_files_are_not_downloaded_over(tmp_path, monkeypatch, name):
+    md5s = _no_network(monkeypatch)
+    x_tr, *_ = WRITERS[name](tmp_path)
+    bundle = load_data(_cfg(dataset=name, data_dir=str(tmp_path)), download=True)
+    assert len(bundle.train) == len(x_tr) and md5s == []
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn"])
+def test_downloads_are_checksummed_and_failures_are_data_errors(tmp_path, monkeypatch, name):
+    md5s = _no_network(monkeypatch)
+    with pytest.raises(Downloaded):
+        load_data(_cfg(dataset=name, data_dir=str(tmp_path)), download=True)
+    assert len(md5s) == 1 and len(md5s[0]) == 32  # the official release's md5 is verified
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    monkeypatch.setattr("epsstar.data.download_url", offline)
+    title = DATASETS[name].title
+    with pytest.raises(DataError, match=f"cannot download {title} in .*: network is unreachable"):
+        load_data(_cfg(dataset=name, data_dir=str(tmp_path)), download=True)
+
+
 def test_unknown_dataset_lists_the_choices():
     with pytest.raises(ConfigError, match="unknown dataset 'imagenet'; choose one of: digits"):
         load_data(_cfg(dataset="imagenet"))

@@ -40,7 +40,7 @@ _HELP: dict[str, tuple[str, Any]] = {
     "seed": ("random seed", int),
     "init": ("scratch | checkpoint path | runs:/<run_id> to fine-tune from", str),
     "device": ("auto | cpu | cuda | cuda:N", str),
-    "workers": ("DataLoader worker processes", click.IntRange(min=0)),
+    "loader_workers": ("DataLoader worker processes", click.IntRange(min=0)),
 }
 
 

@@ -1,0 +1,240 @@
+"""Attack cost benchmarks (a script, not a test). Results and the exact command: attacks.md.
+
+(a) one PGD step ÷ one training step on the same batch (target ≤ 0.75): a PGD step is a forward
+    pass and a backward pass to the *input* only; a training step is a forward pass, a full
+    backward pass (input and weight gradients) and an optimizer step.
+(b) a PGD-k adversarial-training epoch ÷ a clean epoch on digits, against the ideal (2k+3)/3
+    (a forward pass = 1 unit, a backward pass = 2, an input-only backward = 1; target ≤ 1.1×).
+(c) our PGD vs torchattacks' PGD on the same model and batch (eval mode, as torchattacks runs
+    attacks), in images per second.
+
+Every ratio is measured side by side in one run: the two timings alternate repetition by
+repetition and the medians are compared, so drifts in machine load hit both sides alike.
+
+Usage:
+    python benchmarks/bench_attacks.py                                  # CPU suite
+    python benchmarks/bench_attacks.py --device cuda --arch preact_resnet18 --cifar-shaped
+
+torchattacks is a benchmark-only extra (``pip install torchattacks``); without it (c) is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from epsstar.attacks import default_step_size, pgd
+from epsstar.config import TrainConfig
+from epsstar.data import load_data, make_loader
+from epsstar.losses import training_loss
+from epsstar.models import build_model
+
+EPS = 8 / 255  # pixel units, L∞
+STEPS = 10
+
+
+# --------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def side_by_side(
+    fns: dict[str, Callable[[], None]], reps: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved, after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def make_model(arch: str, width: int, channels: int, size: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(
+        arch,
+        num_classes=10,
+        in_channels=channels,
+        image_size=size,
+        width=width,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
+    return model.to(device)
+
+
+def random_batch(batch: int, channels: int, size: int, device: torch.device):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, channels, size, size, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+# ------------------------------------------------------------------------------- benchmarks
+
+
+def step_ratio(model: nn.Module, x, y, reps: int, device: torch.device) -> dict[str, float]:
+    """(a): seconds per PGD step and per training step on batch (x, y), model in train mode."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step_size = default_step_size(EPS, STEPS)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def attack() -> None:
+        pgd(model, x, y, eps=EPS, norm="linf", steps=STEPS, step_size=step_size)
+
+    t = side_by_side({"train": train_step, "pgd": attack}, reps, device)
+    pgd_step = t["pgd"] / STEPS
+    return {
+        "pgd_step_ms": 1e3 * pgd_step,
+        "train_step_ms": 1e3 * t["train"],
+        "ratio": pgd_step / t["train"],
+    }
+
+
+def epoch_ratio(arch: str, width: int, reps: int, device: torch.device) -> dict[str, float]:
+    """(b): one digits epoch (1437 images, batch 128) of PGD-10 AT ÷ one clean epoch."""
+    bundle = load_data(TrainConfig(dataset="digits"))
+    model = build_model(
+        arch,
+        num_classes=bundle.num_classes,
+        in_channels=bundle.in_channels,
+        image_size=bundle.image_size,
+        width=width,
+        mean=bundle.mean,
+        std=bundle.std,
+    ).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = make_loader(bundle.train, 128, shuffle=True, seed=0)
+
+    def epoch(cfg: TrainConfig) -> Callable[[], None]:
+        def run() -> None:
+            model.train()
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                objective, _ = training_loss(model, x, y, cfg)
+                opt.zero_grad(set_to_none=True)
+                objective.backward()
+                opt.step()
+
+        return run
+
+    clean, adv = TrainConfig(eps=0.0), TrainConfig(eps=EPS, steps=STEPS)
+    t = side_by_side({"clean": epoch(clean), "adv": epoch(adv)}, reps, device)
+    ideal = (2 * STEPS + 3) / 3
+    ratio = t["adv"] / t["clean"]
+    return {
+        "clean_epoch_ms": 1e3 * t["clean"],
+        "adv_epoch_ms": 1e3 * t["adv"],
+        "ratio": ratio,
+        "ratio_over_ideal": ratio / ideal,
+    }
+
+
+def throughput(model: nn.Module, x, y, reps: int, device: torch.device) -> dict[str, float] | None:
+    """(c): images/s of our PGD-10 and torchattacks' PGD-10, same model, batch, eval mode."""
+    try:
+        import torchattacks
+    except ImportError:
+        return None
+    model.eval()
+    step_size = default_step_size(EPS, STEPS)
+    theirs = torchattacks.PGD(model, eps=EPS, alpha=step_size, steps=STEPS, random_start=True)
+
+    def ours() -> None:
+        pgd(model, x, y, eps=EPS, norm="linf", steps=STEPS, step_size=step_size)
+
+    t = side_by_side({"epsstar": ours, "torchattacks": lambda: theirs(x, y)}, reps, device)
+    ips = {name: len(x) / s for name, s in t.items()}
+    return {
+        "epsstar_img_s": ips["epsstar"],
+        "torchattacks_img_s": ips["torchattacks"],
+        "speedup": ips["epsstar"] / ips["torchattacks"],
+    }
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def _fmt(row: dict[str, float]) -> str:
+    return ", ".join(f"{k} = {v:.3g}" for k, v in row.items())
+
+
+def suite(device: torch.device, reps: int) -> None:
+    """The default run: small models on digits plus PreActResNet18 on a CIFAR batch of 32."""
+    cases = [  # (label, arch, width, channels, size, batch)
+        ("digits MLP h=64, batch 128", "mlp", 64, 1, 8, 128),
+        ("digits CNN h=128, batch 128", "cnn", 128, 1, 8, 128),
+        ("PreActResNet18 3x32x32, batch 32", "preact_resnet18", 1, 3, 32, 32),
+    ]
+    print("(a) PGD step / training step (target <= 0.75)")
+    for label, arch, width, c, s, b in cases:
+        model, (x, y) = make_model(arch, width, c, s, device), random_batch(b, c, s, device)
+        print(f"  {label}: {_fmt(step_ratio(model, x, y, reps, device))}")
+    print(f"(b) PGD-{STEPS} AT epoch / clean epoch on digits (ideal {(2 * STEPS + 3) / 3:.2f})")
+    for label, arch, width in (("MLP h=64", "mlp", 64), ("CNN h=16", "cnn", 16)):
+        print(f"  {label}: {_fmt(epoch_ratio(arch, width, reps, device))}")
+    print("(c) PGD-10 images/s, epsstar vs torchattacks (eval mode)")
+    for label, arch, width, c, s, b in cases:
+        model, (x, y) = make_model(arch, width, c, s, device), random_batch(b, c, s, device)
+        row = throughput(model, x, y, reps, device)
+        print(f"  {label}: {_fmt(row) if row else 'torchattacks not installed'}")
+
+
+def single(args: argparse.Namespace, device: torch.device) -> None:
+    """One architecture on one random batch: (a) and (c)."""
+    c, s = (3, 32) if args.cifar_shaped else (1, 8)
+    model = make_model(args.arch, args.width, c, s, device)
+    x, y = random_batch(args.batch_size, c, s, device)
+    label = f"{args.arch} {c}x{s}x{s}, batch {args.batch_size}"
+    print(f"(a) {label}: {_fmt(step_ratio(model, x, y, args.reps, device))}")
+    row = throughput(model, x, y, args.reps, device)
+    print(f"(c) {label}: {_fmt(row) if row else 'torchattacks not installed'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement")
+    parser.add_argument("--arch", help="benchmark one architecture instead of the suite")
+    parser.add_argument("--width", type=int, default=1, help="width of --arch")
+    parser.add_argument("--cifar-shaped", action="store_true", help="3x32x32 inputs for --arch")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch of --arch")
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    threads = torch.get_num_threads()
+    print(f"device: {device} ({name}); torch {torch.__version__}; {threads} CPU threads")
+    print(f"{args.reps} timed repetitions per number, medians; eps = 8/255, PGD-{STEPS}")
+    if args.arch:
+        single(args, device)
+    else:
+        suite(device, args.reps)
+
+
+if __name__ == "__main__":
+    main()

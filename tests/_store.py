@@ -1,0 +1,39 @@
+"""A throw-away MLflow tracking store per test: sqlite in tmp_path, cwd moved there too (so the
+default checkpoint and Optuna files land in tmp_path, not in the repository)."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlflow
+import pytest
+
+TINY = dict(dataset="digits", arch="mlp", width=16, epochs=3, steps=3, batch_size=256,
+            device="cpu")
+
+
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory):
+    """MLflow's schema migrations take seconds: run them once, copy the file per test."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch, _empty_store):
+    shutil.copy(_empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def runs_with_status(status: str) -> list:
+    client = mlflow.MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return [r for r in client.search_runs(exps, max_results=1000) if r.info.status == status]
