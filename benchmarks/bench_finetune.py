@@ -15,7 +15,7 @@ overhead). The clean run is shared: the search trains it, the fine-tunes find it
 
 Usage:
     python benchmarks/bench_finetune.py                     # digits defaults, ~5 min on 2 cores
-    python benchmarks/bench_finetune.py --eps-list 1/255,2/255,4/255 --device cuda
+    python benchmarks/bench_finetune.py --eps-list 1/1020,1/510,1/255 --eps-list 2/255,4/255,8/255
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ ATTACKS = ("pgd", "fgm")
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--eps-list", default="",
-                   help="fine-tune eps, comma-separated (default: FinetuneConfig's 0.25,0.5,1/255)")
+    p.add_argument("--eps-list", action="append", default=[],
+                   help="fine-tune eps, comma-separated; repeat to compare lists "
+                        "(default: FinetuneConfig's 0.25/255,0.5/255,1/255)")
     p.add_argument("--rtol", type=float, default=0.05, help="reference search tolerance")
     p.add_argument("--device", default="auto")
     p.add_argument("--store", default="", help="directory for the temporary store (kept)")
@@ -78,6 +79,10 @@ def _rel(estimate: float, reference: float) -> str:
     return f"{(estimate - reference) / reference:+.1%}"
 
 
+def _label(ft: FinetuneConfig) -> str:
+    return f"{ft.attack} {','.join(f'{e * 255:g}' for e in ft.eps_list)}"
+
+
 def _report(cfg: TrainConfig, ref: SearchResult, ref_seconds: float,
             results: dict[str, FinetuneResult]) -> str:
     star = ref.estimate.epsstar
@@ -90,27 +95,29 @@ def _report(cfg: TrainConfig, ref: SearchResult, ref_seconds: float,
         "",
         "(a) cost (train_seconds)",
         "",
-        "| attack | eps (/255) | fine-tune s | scratch s (at one-point eps) | ratio | saved |",
+        "| attack, eps list (/255) | eps (/255) | fine-tune s | scratch s (at one-point eps) "
+        "| ratio | saved |",
         "|---|---|---|---|---|---|",
     ]
-    for attack, r in results.items():
+    for label, r in results.items():
         scratch = r.scratch["seconds"]
         for row in r.rows:
-            lines.append(f"| {attack} | {row['eps_255']:.3g} | {row['seconds']:.2f} | "
+            lines.append(f"| {label} | {row['eps_255']:.3g} | {row['seconds']:.2f} | "
                          f"{scratch:.2f} | {row['seconds'] / scratch:.3f} | "
                          f"{1 - row['seconds'] / scratch:.1%} |")
-    lines += ["", "| attack | all fine-tunes s | reference search s | mean time saved per eps |",
+    lines += ["", "| attack, eps list (/255) | all fine-tunes s | reference search s "
+              "| mean time saved per eps |",
               "|---|---|---|---|"]
-    for attack, r in results.items():
-        lines.append(f"| {attack} | {r.finetune_seconds:.1f} | {ref_seconds:.1f} | "
+    for label, r in results.items():
+        lines.append(f"| {label} | {r.finetune_seconds:.1f} | {ref_seconds:.1f} | "
                      f"{r.scratch['time_saved_fraction']:.1%} |")
     lines += ["", "(b) estimate vs reference", "",
-              "| attack | fine-tune losses | 3-point eps* (/255) | error | 1-point eps* (/255) "
-              "| error |", "|---|---|---|---|---|---|"]
-    for attack, r in results.items():
+              "| attack, eps list (/255) | fine-tune losses | multi-point eps* | error "
+              "| 1-point eps* | error |", "|---|---|---|---|---|---|"]
+    for label, r in results.items():
         losses = ", ".join(f"{row['loss']:.4f}" for row in r.rows)
         e, e1 = r.estimate, r.estimate_1pt
-        lines.append(f"| {attack} | {losses} | {describe(e)} | {_rel(e.epsstar, star)} | "
+        lines.append(f"| {label} | {losses} | {describe(e)} | {_rel(e.epsstar, star)} | "
                      f"{describe(e1)} | {_rel(e1.epsstar, star)} |")
     return "\n".join(lines)
 
@@ -122,15 +129,15 @@ def main() -> None:
     _use_fresh_store(directory)
     root = directory / "checkpoints"
     cfg = TrainConfig(device=args.device)
-    eps_list = tuple(parse_eps(e) for e in args.eps_list.split(",")) if args.eps_list else None
+    eps_lists = [tuple(parse_eps(e) for e in text.split(",")) for text in args.eps_list]
     ref, _ = _reference(cfg, args.rtol, root)
     ref_seconds = _search_seconds(ref)
     results = {}
-    for attack in ATTACKS:
-        ft = FinetuneConfig(attack=attack, compare_scratch=True,
-                            **({"eps_list": eps_list} if eps_list else {}))
-        results[attack], wall = _finetune(cfg, ft, root)
-        print(f"{attack} fine-tunes done in {wall:.0f} s wall", flush=True)
+    for eps_list in eps_lists or [FinetuneConfig().eps_list]:
+        for attack in ATTACKS:
+            ft = FinetuneConfig(eps_list=eps_list, attack=attack, compare_scratch=True)
+            results[_label(ft)], wall = _finetune(cfg, ft, root)
+            print(f"{_label(ft)}: fine-tunes done in {wall:.0f} s wall", flush=True)
     print(f"store: {directory}\n")
     print(_report(cfg, ref, ref_seconds, results))
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ def open_storage(url: str, *, workers: int = 1) -> optuna.storages.BaseStorage:
         backend = optuna.storages.journal.JournalFileBackend(url[len("journal:///") - 1:])
         return optuna.storages.JournalStorage(backend)
     try:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
             failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),

@@ -223,29 +223,28 @@ def run(cfg: SimulateConfig) -> list[SettingResult]:
     fresh = {} if os.environ.get("MLFLOW_RUN_ID") else {
         "run_name": ROLE, "experiment_id": tracking.get_or_create_experiment()}
     with mlflow.start_run(**fresh) as parent:
-        parent_id = parent.info.run_id
-        _log_new_params(parent_id, cfg.to_params())
-        mlflow.set_tags(_tags())
-        results = [_tracked_setting(cfg, d, n, parent.info.experiment_id)
+        _log_new_params(parent.info.run_id, cfg.to_params())
+        tags = _tags()
+        mlflow.set_tags(tags)
+        results = [_tracked_setting(cfg, d, n, parent.info.experiment_id, tags)
                    for d, n in cfg.settings()]
         mlflow.log_figure(plot(results, cfg), "figures/simulate.png")
         mlflow.log_text(table_csv(results), "simulate.csv")
     return results
 
 
-def _tracked_setting(cfg: SimulateConfig, d: int, n: int, experiment_id: str) -> SettingResult:
+def _tracked_setting(
+    cfg: SimulateConfig, d: int, n: int, experiment_id: str, tags: dict[str, str]
+) -> SettingResult:
     import mlflow
 
     from epsstar import tracking
     from epsstar.linear import default_lr
 
     with mlflow.start_run(run_name=f"{ROLE}-{cfg.norm}-d{d}-n{n}", nested=True,
-                          experiment_id=experiment_id, tags=_tags()) as child:
-        params = {"d": d, "n": n, "norm": cfg.norm, "reps": cfg.reps, "sigma": cfg.sigma,
-                  "seed": cfg.seed, "n_eps": cfg.n_eps, "rtol": cfg.rtol, "steps": cfg.steps,
-                  "lr": default_lr(d, n)}
+                          experiment_id=experiment_id, tags=tags) as child:
         tracker = tracking.RunTracker(child.info.run_id)
-        tracker.log_params(params)
+        tracker.log_params({**cfg.to_params(), "d": d, "n": n, "lr": default_lr(d, n)})
         result = simulate_setting(cfg, d, n)
         tracker.pending = _metrics(result)
         if not tracker.flush():
@@ -356,15 +355,15 @@ def plot(results: Sequence[SettingResult], cfg: SimulateConfig) -> Figure:
     xlabel = "log10(ε / √(d/n))"
     ax_p.axhline(0.01, color="grey", lw=0.8)
     ax_p.set(yscale="log", ylim=(1e-8, 1.5), xlabel=xlabel, ylabel="median p-value",
-             title="(a) adversarial vs clean runs: θ̂ (Hotelling, solid), train loss (dashed)")
-    ax_diff.set(yscale="log", xlabel=xlabel, ylabel="‖θ̂(ε) − θ̂(0)‖ / ‖θ̂(0)‖",
-                title="(b) relative trajectory difference at the clean stopping step")
+             title="(a) p-value vs clean runs: θ̂ (solid), train loss (dashed)")
+    ax_diff.set(yscale="log", xlabel=xlabel, ylabel="‖θ⁽ᵀ⁾(ε) − θ⁽ᵀ⁾(0)‖ / ‖θ⁽ᵀ⁾(0)‖",
+                title="(b) trajectory difference at the clean run's best step T")
     ax_loss.axhline(1.0, color="grey", lw=0.8)
     ax_loss.set(xlabel=xlabel, ylabel="R̂(θ̂(ε), ε) / R*(0)",
-                title="(c) adversarial train loss / clean test loss; ε* dotted")
+                title="(c) adversarial train loss / R*(0); ε* dotted")
     ax_step.set(yscale="log", xlabel="gradient-descent step t",
                 ylabel="‖θ⁽ᵗ⁾(ε) − θ⁽ᵗ⁾(0)‖ / ‖θ⁽ᵗ⁾(0)‖",
-                title="(d) along the trajectory, ε/√(d/n) = " + ", ".join(map(str, STEP_RATIOS)))
+                title="(d) trajectory difference along the descent")
     ax_step.legend(handles=[Line2D([], [], color="k", ls=ls, label=f"ε/√(d/n) = {r:g}")
                             for r, ls in zip(STEP_RATIOS, ("-", "--", ":"), strict=True)],
                    fontsize="small")

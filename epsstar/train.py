@@ -21,12 +21,16 @@ from tqdm.auto import tqdm
 
 from epsstar.attacks import perturb
 from epsstar.checkpoint import load_checkpoint, save_checkpoint
-from epsstar.config import TrainConfig
+from epsstar.config import EpsstarError, TrainConfig
 from epsstar.data import DataBundle, make_loader
 from epsstar.losses import training_loss
 from epsstar.models import build_model
 
 EpochHook = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(EpsstarError, FloatingPointError):
+    """A loss became NaN or infinite: the run ends FAILED with this one-line reason."""
 
 
 @dataclass
@@ -258,7 +262,7 @@ def _best_summary(row: dict[str, float]) -> dict[str, float]:
 def _check_finite(row: dict[str, float], epoch: int) -> None:
     bad = [k for k, v in row.items() if not math.isfinite(v)]
     if bad:
-        raise FloatingPointError(f"training diverged at epoch {epoch}: {', '.join(bad)} not "
+        raise TrainingDiverged(f"training diverged at epoch {epoch}: {', '.join(bad)} not "
                                  "finite (lower --lr?)")
 
 

@@ -32,7 +32,7 @@ def test_config_rejects_bad_fields(kwargs):
 
 def test_config_hash_ignores_device_but_not_eps():
     base = TrainConfig(eps=2 / 255)
-    assert base.config_hash() == base.replace(device="cpu", workers=3).config_hash()
+    assert base.config_hash() == base.replace(device="cpu", loader_workers=3).config_hash()
     assert base.config_hash() != base.replace(eps=3 / 255).config_hash()
     assert base.config_hash() != base.replace(seed=1).config_hash()
 

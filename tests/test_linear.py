@@ -36,7 +36,7 @@ def test_closed_form_is_the_inner_maximum(norm: str) -> None:
     direction = theta[0] / np.linalg.norm(theta[0]) if norm == "l2" else np.sign(theta[0])
     worst = x - np.sign(r)[:, None] * eps * direction  # moves every residual away from 0
     attained = np.mean((y - worst @ theta[0]) ** 2)
-    closed = linear.adv_train_losses(problem, theta, eps, norm)[0]
+    closed = linear.empirical_adv_loss(problem, theta, eps, norm)[0]
     assert closed == pytest.approx(attained, rel=1e-12)
     z = rng.uniform(-1, 1, (200, 30, 4))
     ball = {"l2": lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True),
@@ -98,7 +98,7 @@ def test_descent_reaches_the_adversarial_minimiser(norm: str) -> None:
     eps = 0.2
 
     def loss(t):
-        return linear.adv_train_losses(problem, t[None], eps, norm)[0]
+        return linear.empirical_adv_loss(problem, t[None], eps, norm)[0]
 
     def final(lr: float) -> np.ndarray:
         return list(linear.trajectory(problem, [eps], norm, lr=lr, steps=int(50 / lr)))[-1][0, 0]
