@@ -91,11 +91,14 @@ def random_batch(batch: int, channels: int, size: int, device: torch.device):
 # ------------------------------------------------------------------------------- benchmarks
 
 
-def step_ratio(model: nn.Module, x, y, reps: int, device: torch.device) -> dict[str, float]:
-    """(a): seconds per PGD step and per training step on batch (x, y), model in train mode."""
+def step_ratio(
+    model: nn.Module, x, y, reps: int, device: torch.device, steps: int = STEPS
+) -> dict[str, float]:
+    """(a): seconds per PGD step (timed over a PGD-``steps`` attack) and per training step on the
+    batch (x, y), model in train mode (as during adversarial training)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    step_size = default_step_size(EPS, STEPS)
+    step_size = default_step_size(EPS, steps)
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -103,10 +106,10 @@ def step_ratio(model: nn.Module, x, y, reps: int, device: torch.device) -> dict[
         opt.step()
 
     def attack() -> None:
-        pgd(model, x, y, eps=EPS, norm="linf", steps=STEPS, step_size=step_size)
+        pgd(model, x, y, eps=EPS, norm="linf", steps=steps, step_size=step_size)
 
     t = side_by_side({"train": train_step, "pgd": attack}, reps, device)
-    pgd_step = t["pgd"] / STEPS
+    pgd_step = t["pgd"] / steps
     return {
         "pgd_step_ms": 1e3 * pgd_step,
         "train_step_ms": 1e3 * t["train"],
@@ -153,18 +156,21 @@ def epoch_ratio(arch: str, width: int, reps: int, device: torch.device) -> dict[
     }
 
 
-def throughput(model: nn.Module, x, y, reps: int, device: torch.device) -> dict[str, float] | None:
-    """(c): images/s of our PGD-10 and torchattacks' PGD-10, same model, batch, eval mode."""
+def throughput(
+    model: nn.Module, x, y, reps: int, device: torch.device, steps: int = STEPS
+) -> dict[str, float] | None:
+    """(c): images/s of our PGD-``steps`` and torchattacks' on the same model and batch, in eval
+    mode. None when torchattacks is not installed."""
     try:
         import torchattacks
     except ImportError:
         return None
     model.eval()
-    step_size = default_step_size(EPS, STEPS)
-    theirs = torchattacks.PGD(model, eps=EPS, alpha=step_size, steps=STEPS, random_start=True)
+    step_size = default_step_size(EPS, steps)
+    theirs = torchattacks.PGD(model, eps=EPS, alpha=step_size, steps=steps, random_start=True)
 
     def ours() -> None:
-        pgd(model, x, y, eps=EPS, norm="linf", steps=STEPS, step_size=step_size)
+        pgd(model, x, y, eps=EPS, norm="linf", steps=steps, step_size=step_size)
 
     t = side_by_side({"epsstar": ours, "torchattacks": lambda: theirs(x, y)}, reps, device)
     ips = {name: len(x) / s for name, s in t.items()}
@@ -182,25 +188,27 @@ def _fmt(row: dict[str, float]) -> str:
     return ", ".join(f"{k} = {v:.3g}" for k, v in row.items())
 
 
-def suite(device: torch.device, reps: int) -> None:
-    """The default run: small models on digits plus PreActResNet18 on a CIFAR batch of 32."""
-    cases = [  # (label, arch, width, channels, size, batch)
-        ("digits MLP h=64, batch 128", "mlp", 64, 1, 8, 128),
-        ("digits CNN h=128, batch 128", "cnn", 128, 1, 8, 128),
-        ("PreActResNet18 3x32x32, batch 32", "preact_resnet18", 1, 3, 32, 32),
+def suite(device: torch.device, reps: int, resnet_steps: int) -> None:
+    """The default run: small models on digits-shaped batches, PreActResNet18 on a CIFAR-shaped
+    batch of 32 (on CPU one of its training steps takes seconds, hence fewer PGD steps: the cost
+    per step does not depend on the number of steps)."""
+    cases = [  # (label, arch, width, channels, size, batch, PGD steps)
+        ("digits MLP h=64, batch 128", "mlp", 64, 1, 8, 128, STEPS),
+        ("digits CNN h=128, batch 128", "cnn", 128, 1, 8, 128, STEPS),
+        ("PreActResNet18 3x32x32, batch 32", "preact_resnet18", 1, 3, 32, 32, resnet_steps),
     ]
     print("(a) PGD step / training step (target <= 0.75)")
-    for label, arch, width, c, s, b in cases:
+    for label, arch, width, c, s, b, k in cases:
         model, (x, y) = make_model(arch, width, c, s, device), random_batch(b, c, s, device)
-        print(f"  {label}: {_fmt(step_ratio(model, x, y, reps, device))}")
+        print(f"  {label}, PGD-{k}: {_fmt(step_ratio(model, x, y, reps, device, k))}")
     print(f"(b) PGD-{STEPS} AT epoch / clean epoch on digits (ideal {(2 * STEPS + 3) / 3:.2f})")
     for label, arch, width in (("MLP h=64", "mlp", 64), ("CNN h=16", "cnn", 16)):
         print(f"  {label}: {_fmt(epoch_ratio(arch, width, reps, device))}")
-    print("(c) PGD-10 images/s, epsstar vs torchattacks (eval mode)")
-    for label, arch, width, c, s, b in cases:
+    print("(c) PGD images/s, epsstar vs torchattacks (eval mode)")
+    for label, arch, width, c, s, b, k in cases:
         model, (x, y) = make_model(arch, width, c, s, device), random_batch(b, c, s, device)
-        row = throughput(model, x, y, reps, device)
-        print(f"  {label}: {_fmt(row) if row else 'torchattacks not installed'}")
+        row = throughput(model, x, y, reps, device, k)
+        print(f"  {label}, PGD-{k}: {_fmt(row) if row else 'torchattacks not installed'}")
 
 
 def single(args: argparse.Namespace, device: torch.device) -> None:
@@ -209,8 +217,9 @@ def single(args: argparse.Namespace, device: torch.device) -> None:
     model = make_model(args.arch, args.width, c, s, device)
     x, y = random_batch(args.batch_size, c, s, device)
     label = f"{args.arch} {c}x{s}x{s}, batch {args.batch_size}"
-    print(f"(a) {label}: {_fmt(step_ratio(model, x, y, args.reps, device))}")
-    row = throughput(model, x, y, args.reps, device)
+    label += f", PGD-{args.steps}"
+    print(f"(a) {label}: {_fmt(step_ratio(model, x, y, args.reps, device, args.steps))}")
+    row = throughput(model, x, y, args.reps, device, args.steps)
     print(f"(c) {label}: {_fmt(row) if row else 'torchattacks not installed'}")
 
 
@@ -222,18 +231,25 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1, help="width of --arch")
     parser.add_argument("--cifar-shaped", action="store_true", help="3x32x32 inputs for --arch")
     parser.add_argument("--batch-size", type=int, default=128, help="batch of --arch")
+    parser.add_argument("--steps", type=int, default=STEPS, help="PGD steps of --arch")
+    parser.add_argument("--resnet-steps", type=int, default=2, help="PGD steps, suite ResNet")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args()
+    if args.threads:
+        # One thread is the robust choice on a shared CPU: OpenMP threads that wait for a core
+        # held by another process slow every small kernel by an order of magnitude.
+        torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = torch.get_num_threads()
     print(f"device: {device} ({name}); torch {torch.__version__}; {threads} CPU threads")
-    print(f"{args.reps} timed repetitions per number, medians; eps = 8/255, PGD-{STEPS}")
+    print(f"{args.reps} timed repetitions per number, medians; eps = 8/255 (L-inf)")
     if args.arch:
         single(args, device)
     else:
-        suite(device, args.reps)
+        suite(device, args.reps, args.resnet_steps)
 
 
 if __name__ == "__main__":

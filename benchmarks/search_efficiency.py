@@ -25,7 +25,9 @@ Curves:
 - ``paper-scaled``: the same two shapes with ε rescaled so that ε* ∈ {0.5, 1.5, 3.3, 8, 20, 40};
 - ``synthetic``: linear, convex (u²) and concave (√u) curves, u = ε/ε*, through (0, 0.05) and
   (ε*, 0.44), ε* ∈ {0.5, 1.3, 3.3, 8, 20, 40};
-- ``digits``: benchmarks/digits_curve.csv when it exists (same columns as the paper table).
+- ``digits``: benchmarks/digits_curve.csv when it exists (same columns as the paper table);
+- ``stress`` (separate table): exponential, hockey-stick, logistic and fourth-root shapes, far
+  from the near-linear curves the sampler expects.
 
 Noisy variant: the two paper curves plus Gaussian noise of sd 0.01 on every run (seed-to-seed
 spread), 30 seeds each. Two workers: the sampler asked twice per round, both runs told at the end
@@ -100,32 +102,59 @@ def table_curves(path: Path, family: str, key: str) -> list[Curve]:
         rows = list(csv.DictReader(f))
     curves = []
     for group in sorted({r.get(key, "") for r in rows}, key=lambda g: (len(g), g)):
-        sub = sorted((r for r in rows if r.get(key, "") == group), key=lambda r: float(r["eps_255"]))
+        sub = [r for r in rows if r.get(key, "") == group]
+        sub.sort(key=lambda r: float(r["eps_255"]))
         x = np.array([float(r["eps_255"]) for r in sub])
         y = np.array([float(r["adv_train_loss"]) for r in sub])
         clean_row = next(r for r in sub if float(r["eps_255"]) == 0)
         name = f"{family} n={group}" if group else family
-        curves.append(_with_root(name, family, _pchip_curve(x, y),
-                                 float(clean_row["adv_test_loss"]), float(y[0])))
+        curves.append(
+            _with_root(
+                name, family, _pchip_curve(x, y), float(clean_row["adv_test_loss"]), float(y[0])
+            )
+        )
     return curves
 
 
 def scaled(curve: Curve, root: float) -> Curve:
     """The same shape with ε stretched so that ε* = ``root``."""
     factor = curve.root / root
-    return replace(curve, name=f"{curve.name} ε*→{root:g}", family="paper-scaled",
-                   loss=lambda e: curve.loss(e * factor), root=root)
+    return replace(
+        curve,
+        name=f"{curve.name} ε*→{root:g}",
+        family="paper-scaled",
+        loss=lambda e: curve.loss(e * factor),
+        root=root,
+    )
 
 
 SHAPES = {"linear": lambda u: u, "convex": lambda u: u * u, "concave": math.sqrt}
 
 
-def synthetic_curves(roots: Iterable[float]) -> list[Curve]:
+# Shapes far from linear, to check that the sampler's safeguards hold (not in the main table).
+STRESS_SHAPES = {
+    "exponential": lambda u: (math.exp(math.log(9.8) * u) - 1) / 8.8,  # steep past ε*
+    "hockey-stick": lambda u: max(0.0, u - 0.8) / 0.2,  # flat, then a kink at 0.8 ε*
+    "logistic": lambda u: 2 * u**6 / (1 + u**6),  # a sharp step in log ε around ε*
+    "fourth-root": lambda u: u**0.25,  # rises almost entirely below ε*
+}
+
+
+def synthetic_curves(
+    roots: Iterable[float], shapes: dict = SHAPES, family: str = "synthetic"
+) -> list[Curve]:
+    """Curves clean + (R0 - clean)·g(ε/ε*) through (0, 0.05) and (ε*, 0.44)."""
     threshold, clean = 0.44, 0.05
     return [
-        Curve(f"{shape} ε*={root:g}", "synthetic",
-              lambda e, g=g, r=root: clean + (threshold - clean) * g(e / r), threshold, clean, root)
-        for shape, g in SHAPES.items()
+        Curve(
+            f"{shape} ε*={root:g}",
+            family,
+            lambda e, g=g, r=root: clean + (threshold - clean) * g(e / r),
+            threshold,
+            clean,
+            root,
+        )
+        for shape, g in shapes.items()
         for root in roots
     ]
 
@@ -147,11 +176,22 @@ def all_curves() -> tuple[list[Curve], list[Curve], str]:
 Observe = Callable[[float], float]  # one "adversarial training run" at ε /255 → loss
 
 
-def run_bisection(curve: Curve, observe: Observe, *, clean: bool,
-                  lower_guess: float | None = None, workers: int = 1) -> Points:
-    sampler = BisectionSampler(curve.threshold, LOW, HIGH, RTOL,
-                               clean_train_loss=curve.clean if clean else None,
-                               lower_guess=lower_guess)
+def run_bisection(
+    curve: Curve,
+    observe: Observe,
+    *,
+    clean: bool,
+    lower_guess: float | None = None,
+    workers: int = 1,
+) -> Points:
+    sampler = BisectionSampler(
+        curve.threshold,
+        LOW,
+        HIGH,
+        RTOL,
+        clean_train_loss=curve.clean if clean else None,
+        lower_guess=lower_guess,
+    )
     study = optuna.create_study(direction="minimize", sampler=sampler)
     points: Points = []
     while sampler.stop_reason(study) is None and len(points) < CAP:
@@ -166,16 +206,16 @@ def run_bisection(curve: Curve, observe: Observe, *, clean: bool,
 
 def run_grid(curve: Curve, observe: Observe) -> Points:
     """1, 2, 4, … /255 (or 1/2, 1/4, … when 1/255 is above) until bracketed, then bisect the
-    bracket in log ε."""
+    bracket in log ε until it is as narrow as the sampler's (relative width <= RTOL)."""
     points: Points = []
     lo, hi, eps = None, None, 1.0
-    while len(points) < CAP:
+    while len(points) < CAP and not (lo and hi and (hi - lo) / hi <= RTOL):
         loss = observe(eps)
         points.append((eps, loss))
         if loss <= curve.threshold:
-            lo = eps
+            lo = max(lo or eps, eps)
         else:
-            hi = eps
+            hi = min(hi or eps, eps)
         if hi is None and eps * 2 > HIGH or lo is None and eps / 2 < LOW:
             break  # ran off the range: the crossing is outside it
         if hi is None:
@@ -206,14 +246,16 @@ def run_random(curve: Curve, observe: Observe, seed: int) -> Points:
 
 
 # --------------------------------------------------------------------------- metrics
-def runs_to(points: Points, curve: Curve, tol: float, *, clean: bool, per_round: int = 1
-            ) -> int | None:
+def runs_to(
+    points: Points, curve: Curve, tol: float, *, clean: bool, per_round: int = 1
+) -> int | None:
     """Rounds (runs when ``per_round`` = 1) until the interpolated estimate is within ``tol``
     (relative) of the oracle ε*; None if it never is."""
     for k in range(per_round, len(points) + 1, per_round):
         eps, losses = zip(*points[:k], strict=True)
-        est = interpolate_epsstar(eps, losses, curve.threshold,
-                                  clean_train_loss=curve.clean if clean else None)
+        est = interpolate_epsstar(
+            eps, losses, curve.threshold, clean_train_loss=curve.clean if clean else None
+        )
         if est.bound is None and abs(est.epsstar - curve.root) <= tol * curve.root:
             return k // per_round
     return None
@@ -221,8 +263,9 @@ def runs_to(points: Points, curve: Curve, tol: float, *, clean: bool, per_round:
 
 def final_error(points: Points, curve: Curve, *, clean: bool) -> float:
     eps, losses = zip(*points, strict=True)
-    est = interpolate_epsstar(eps, losses, curve.threshold,
-                              clean_train_loss=curve.clean if clean else None)
+    est = interpolate_epsstar(
+        eps, losses, curve.threshold, clean_train_loss=curve.clean if clean else None
+    )
     return abs(est.epsstar - curve.root) / curve.root if est.bound is None else math.inf
 
 
@@ -237,7 +280,8 @@ def fmt(stat: tuple[float, int | None, float]) -> str:
     median, worst, reached = stat
     med = f">{CAP}" if median > CAP else f"{median:g}"
     return f"{med} / {'>' + str(CAP) if worst is None else worst}" + (
-        "" if reached == 1 else f" ({reached:.0%} reach)")
+        "" if reached == 1 else f" ({reached:.0%} reach)"
+    )
 
 
 # --------------------------------------------------------------------------- experiments
@@ -248,6 +292,7 @@ class Method:
     clean: bool  # whether its estimate includes the clean point
     run: Callable[[Curve, Observe, int], Points]
     seeded: bool  # results depend on the seed even without noise
+    stops: bool = True  # False: no stopping rule, it spends the whole budget of CAP runs
 
 
 def lower_guess_for(curve: Curve, seed: int) -> float:
@@ -258,14 +303,17 @@ def lower_guess_for(curve: Curve, seed: int) -> float:
 
 METHODS = [
     Method("bisection", "none", False, lambda c, o, s: run_bisection(c, o, clean=False), False),
-    Method("bisection", "clean loss", True, lambda c, o, s: run_bisection(c, o, clean=True),
-           False),
-    Method("bisection", "clean loss + lower guess", True,
-           lambda c, o, s: run_bisection(c, o, clean=True, lower_guess=lower_guess_for(c, s)),
-           True),
+    Method("bisection", "clean loss", True, lambda c, o, s: run_bisection(c, o, clean=True), False),
+    Method(
+        "bisection",
+        "clean loss + lower guess",
+        True,
+        lambda c, o, s: run_bisection(c, o, clean=True, lower_guess=lower_guess_for(c, s)),
+        True,
+    ),
     Method("doubling grid (paper)", "clean loss", True, lambda c, o, s: run_grid(c, o), False),
-    Method("TPE |loss − R0|", "clean loss", True, run_tpe, True),
-    Method("random (log-uniform)", "clean loss", True, run_random, True),
+    Method("TPE on abs(loss − R0)", "clean loss", True, run_tpe, True, stops=False),
+    Method("random (log-uniform)", "clean loss", True, run_random, True, stops=False),
 ]
 
 
@@ -280,58 +328,74 @@ def noise_free(curves: list[Curve], seeds: int) -> dict[str, dict]:
                 for tol in TOLERANCES:
                     counts[tol].append(runs_to(points, curve, tol, clean=m.clean))
                 stops.append(len(points))
-        out[f"{m.name} | {m.prior}"] = {"counts": counts, "stops": stops}
+        out[f"{m.name} | {m.prior}"] = {"counts": counts, "stops": stops if m.stops else None}
     return out
 
 
-def noisy(curves: list[Curve]) -> dict[str, dict]:
+def noisy(curve: Curve) -> dict[str, dict]:
+    slope = (curve.loss(curve.root * 1.001) - curve.loss(curve.root * 0.999)) / (0.002 * curve.root)
+    implied = NOISE_SD / slope / curve.root  # relative ε error of one noise sd
     out = {}
     for m in METHODS:
         counts = {tol: [] for tol in TOLERANCES}
-        stops, errors, scaled_errors = [], [], []
-        for curve in curves:
-            slope = (curve.loss(curve.root * 1.001) - curve.loss(curve.root * 0.999)) / (
-                0.002 * curve.root)
-            implied = NOISE_SD / slope / curve.root  # relative ε error of one noise sd
-            for seed in range(NOISY_SEEDS):
-                rng = np.random.default_rng(seed)
-                points = m.run(curve, lambda e, rng=rng, c=curve:
-                               c.loss(e) + NOISE_SD * rng.standard_normal(), seed)
-                for tol in TOLERANCES:
-                    counts[tol].append(runs_to(points, curve, tol, clean=m.clean))
-                stops.append(len(points))
-                err = final_error(points, curve, clean=m.clean)
-                errors.append(err)
-                scaled_errors.append(err / implied)
-        out[f"{m.name} | {m.prior}"] = {"counts": counts, "stops": stops, "errors": errors,
-                                         "scaled": scaled_errors}
-    return out
+        stops, errors = [], []
+        for seed in range(NOISY_SEEDS):
+            rng = np.random.default_rng(seed)
+
+            def observe(e: float, rng=rng) -> float:
+                return curve.loss(e) + NOISE_SD * rng.standard_normal()
+
+            points = m.run(curve, observe, seed)
+            for tol in TOLERANCES:
+                counts[tol].append(runs_to(points, curve, tol, clean=m.clean))
+            stops.append(len(points))
+            errors.append(final_error(points, curve, clean=m.clean))
+        out[f"{m.name} | {m.prior}"] = {
+            "counts": counts,
+            "stops": stops if m.stops else None,
+            "error": f"{statistics.median(errors):.1%} / {np.percentile(errors, 90):.1%}",
+        }
+    return out, implied
 
 
 def two_workers(curves: list[Curve]) -> dict[str, dict]:
     out = {}
     for workers in (1, 2):
-        stops, to2 = [], []
+        stops, to2, clashes = [], [], 0
         for curve in curves:
             points = run_bisection(curve, curve.loss, clean=True, workers=workers)
             stops.append(math.ceil(len(points) / workers))
             to2.append(runs_to(points, curve, 0.02, clean=True, per_round=workers))
-        out[workers] = {"rounds_stop": stops, "rounds_2pct": to2}
+            eps = [e for e, _ in points]  # a clash: an ε within 0.5 % of an earlier one
+            clashes += sum(any(abs(e - d) <= 0.005 * d for d in eps[:i]) for i, e in enumerate(eps))
+        out[workers] = {"rounds_stop": stops, "rounds_2pct": to2, "clashes": clashes}
     return out
 
 
 # --------------------------------------------------------------------------- report
-def print_counts(title: str, results: dict[str, dict], extra: Callable[[dict], str]) -> None:
+def print_counts(title: str, results: dict[str, dict]) -> None:
+    errors = all("error" in r for r in results.values())
     print(f"\n### {title}\n")
-    print("| method | prior | runs to 5 % (median / worst) | runs to 2 % (median / worst) |"
-          " runs made (median / worst) |" + (" final error |" if extra({}) else ""))
-    print("|---|---|---|---|---|" + ("---|" if extra({}) else ""))
+    print(
+        "| method | prior | runs to 5 % (median / worst) | runs to 2 % (median / worst) |"
+        " runs made (median / worst) |" + (" final error (median / p90) |" if errors else "")
+    )
+    print("|---|---|---|---|---|" + ("---|" if errors else ""))
     for key, r in results.items():
         name, prior = key.split(" | ")
-        stops = f"{statistics.median(r['stops']):g} / {max(r['stops'])}"
-        cells = [name, prior, fmt(summary(r["counts"][0.05])), fmt(summary(r["counts"][0.02])),
-                 stops]
-        print("| " + " | ".join(cells) + " |" + (f" {extra(r)} |" if extra(r) else ""))
+        stops = (
+            f"{statistics.median(r['stops']):g} / {max(r['stops'])}"
+            if r["stops"]
+            else f"{CAP} (no stopping rule)"
+        )
+        cells = [
+            name,
+            prior,
+            fmt(summary(r["counts"][0.05])),
+            fmt(summary(r["counts"][0.02])),
+            stops,
+        ] + ([r["error"]] if errors else [])
+        print("| " + " | ".join(cells) + " |")
 
 
 def print_targets(results: dict[str, dict]) -> None:
@@ -339,44 +403,64 @@ def print_targets(results: dict[str, dict]) -> None:
     print("\nTargets (noise-free, no prior):")
     med2, worst2, _ = summary(ours[0.02])
     print(f"- within 2 %: median {med2:g} runs (target <= 4), worst {worst2} (target <= 6)")
-    for other, target in (("TPE |loss − R0| | clean loss", 3.0),
-                          ("doubling grid (paper) | clean loss", 1.5)):
+    for other, target in (
+        ("TPE on abs(loss − R0) | clean loss", 3.0),
+        ("doubling grid (paper) | clean loss", 1.5),
+    ):
         for tol in TOLERANCES:
             ratio = summary(results[other]["counts"][tol])[0] / summary(ours[tol])[0]
-            print(f"- {other.split(' | ')[0]} / bisection, median runs to {tol:.0%}: "
-                  f"{ratio:.2f}x (target >= {target:g}x)")
+            print(
+                f"- {other.split(' | ')[0]} / bisection, median runs to {tol:.0%}: "
+                f"{ratio:.2f}x (target >= {target:g}x)"
+            )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=5,
-                   help="seeds per curve for the seeded methods (TPE, random, lower guess)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        help="seeds per curve for the seeded methods (TPE, random, lower guess)",
+    )
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
     curves, paper, note = all_curves()
-    print(f"{len(curves)} noise-free curves ({note}); paper ε*: "
-          + ", ".join(f"{c.name} {c.root:.3f}/255" for c in paper))
+    print(
+        f"{len(curves)} noise-free curves ({note}); paper ε*: "
+        + ", ".join(f"{c.name} {c.root:.3f}/255" for c in paper)
+    )
 
     clean_results = noise_free(curves, args.seeds)
-    print_counts(f"Noise-free: {len(curves)} curves, seeded methods × {args.seeds} seeds",
-                 clean_results, lambda r: "")
+    print_counts(
+        f"Noise-free: {len(curves)} curves, seeded methods × {args.seeds} seeds", clean_results
+    )
     print_targets(clean_results)
+    stress = synthetic_curves((0.5, 3.3, 20), STRESS_SHAPES, "stress")
+    print_counts(
+        f"Stress shapes ({', '.join(STRESS_SHAPES)}), ε* ∈ {{0.5, 3.3, 20}}/255, noise-free",
+        noise_free(stress, args.seeds),
+    )
 
-    noisy_results = noisy(paper)
-    print_counts(f"Noisy (sd {NOISE_SD}): paper curves × {NOISY_SEEDS} seeds", noisy_results,
-                 lambda r: "" if not r else
-                 f"median {statistics.median(r['errors']):.1%}, "
-                 f"{statistics.median(r['scaled']):.2f} / "
-                 f"{np.percentile(r['scaled'], 90):.2f} noise-sd (median / p90)")
+    for curve in paper:
+        results, implied = noisy(curve)
+        print_counts(
+            f"Noisy (sd {NOISE_SD}), {curve.name} (ε* = {curve.root:.3f}/255), "
+            f"{NOISY_SEEDS} seeds: one noise sd is a {implied:.1%} error in ε",
+            results,
+        )
 
     workers = two_workers(curves)
     print(f"\n### One vs two workers (bisection, clean loss, {len(curves)} noise-free curves)\n")
-    print("| workers | rounds to 2 % (median / worst) | rounds to stop (median / worst) |")
-    print("|---|---|---|")
+    print(
+        "| workers | rounds to 2 % (median / worst) | rounds to stop (median / worst) |"
+        " runs repeating an earlier ε |"
+    )
+    print("|---|---|---|---|")
     for k, r in workers.items():
         stops = f"{statistics.median(r['rounds_stop']):g} / {max(r['rounds_stop'])}"
-        print(f"| {k} | {fmt(summary(r['rounds_2pct']))} | {stops} |")
+        print(f"| {k} | {fmt(summary(r['rounds_2pct']))} | {stops} | {r['clashes']} |")
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 

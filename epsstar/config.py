@@ -60,7 +60,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run: clean (eps = 0), adversarial from scratch, or fine-tuning (init != scratch)."""
+    """One training run: clean (eps = 0), adversarial from scratch, or fine-tuning (init set)."""
 
     # --- data ---
     dataset: str = "digits"  # registry name in epsstar.data
@@ -70,13 +70,13 @@ class TrainConfig:
     augment: bool = True  # crop+flip for CIFAR/SVHN (no effect on digits/MNIST)
     # --- model ---
     arch: str = "mlp"  # registry name in epsstar.models
-    width: int = 64  # MLP / CNN hidden width h, WideResNet widen factor k; ignored by PreActResNet18
+    width: int = 64  # MLP/CNN hidden width h, WideResNet widen factor k (unused by PreActResNet18)
     # --- attack (pixel units) ---
     norm: str = "linf"  # linf | l2 (l2: norm of the whole image)
     attack: str = "pgd"  # pgd | fgm (fgm = FGSM under linf)
     eps: float = 0.0  # attack radius, pixel units; 0 = clean training
     steps: int = 10  # PGD iterations (fgm: always 1)
-    step_size: float = 0.0  # pixel units; 0 = the rule 2.5*eps/steps (see attacks.default_step_size)
+    step_size: float = 0.0  # pixel units; 0 = 2.5*eps/steps (see attacks.default_step_size)
     # --- objective and optimisation ---
     loss: str = "at"  # at (Madry) | trades | mart
     beta: float = 6.0  # TRADES / MART regularisation weight

@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ TAG_BOUND_1PT = "epsstar.bound_ft_1pt"
 MUST_MATCH = ("dataset", "arch", "width", "n_train", "val_fraction")
 # The fine-tunes take these from the command (the attack, and where to run); everything else
 # (optimizer, lr = peak lr, batch size, seed, augmentation, epochs) continues the clean run's.
-FROM_COMMAND = ("norm", "steps", "step_size", "loss", "beta", "device", "loader_workers", "data_dir")
+FROM_COMMAND = ("norm", "steps", "step_size", "loss", "beta", "data_dir") + tuple(
+    f.name for f in fields(TrainConfig) if not f.metadata.get("identity", True))
 
 Echo = Callable[[str], None]
 
@@ -228,10 +229,14 @@ def finetune_epsstar(
     """Algorithm A.1: fine-tune the clean checkpoint at each ``ft.eps_list`` ε, extrapolate ε*.
 
     ``cfg`` is the clean configuration (``cfg.eps`` is ignored; ``cfg.attack`` only names the
-    clean run, whose identity includes it — the fine-tunes use ``ft.attack``). Bad input (no ε,
-    an unknown clean run, one of other data or model) raises :class:`ConfigError` before any
-    run is created. ``echo`` receives one line per finished child run.
+    clean run, whose identity includes it — the fine-tunes use ``ft.attack``; ``cfg.init`` must
+    be ``scratch``). Bad input (an unknown clean run, one of other data or model) raises
+    :class:`ConfigError` before any run is created. ``echo`` receives one line per finished
+    child run.
     """
+    if cfg.init != "scratch":
+        raise ConfigError(f"init={cfg.init}: fine-tuning starts from a clean run trained from "
+                          "scratch (pick one with --clean-run RUN_ID)")
     experiment_id = experiment_id or tracking.get_or_create_experiment()
     clean_cfg, clean = resolve_clean_run(cfg, ft, experiment_id)
     template = finetune_template(cfg, clean_cfg, ft)
@@ -317,8 +322,8 @@ def _with_scratch(result: FinetuneResult, scratch_cfg: TrainConfig,
     outcome = ctx.train(scratch_cfg)
     seconds = outcome.metrics["train_seconds"]
     mean_ft = result.finetune_seconds / len(result.rows)
-    scratch = {"run_id": outcome.run_id, "eps": scratch_cfg.eps, "seconds": seconds,
-               "loss": outcome.metrics["best_train_adv_loss"],
+    scratch = {"run_id": outcome.run_id, "eps": scratch_cfg.eps, "epochs": scratch_cfg.epochs,
+               "seconds": seconds, "loss": outcome.metrics["best_train_adv_loss"],
                "time_saved_fraction": 1.0 - mean_ft / seconds}
     return dataclasses.replace(result, scratch=scratch)
 

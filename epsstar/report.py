@@ -302,10 +302,19 @@ def _store_errors(uri: str, *, check_exists: bool = True) -> Iterator[None]:
     except EpsstarError:
         raise
     except MlflowException as err:
+        if str(err).startswith("API request to"):  # MLflow's wrapping of a connection error
+            raise tracking.TrackingError(f"cannot reach tracking store {uri}: {_reason(err)}") \
+                from None
         raise tracking.TrackingError(f"tracking store {uri}: {tracking._short(err)}") from None
     except Exception as err:  # connection refused, DNS, unknown scheme: many types
-        raise tracking.TrackingError(
-            f"cannot reach tracking store {uri}: {tracking._short(err)}") from None
+        raise tracking.TrackingError(f"cannot reach tracking store {uri}: {_reason(err)}") \
+            from None
+
+
+def _reason(err: BaseException) -> str:
+    """The OS-level reason buried in a connection error ("[Errno 111] Connection refused")."""
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))
+    return found.group(0) if found else tracking._short(err)
 
 
 def _check_local_store(uri: str) -> None:
@@ -1080,7 +1089,7 @@ def make_report(cfg: ReportConfig) -> ReportResult:
     write_runs_csv(out / "runs.csv", sel, groups)
     write_groups_csv(out / "groups.csv", groups)
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    run_id = log_report(client, out, cfg, groups[0].experiment_id, len(sel.records)) \
+    run_id = log_report(client, out, cfg, groups[0].group.experiment_id, len(sel.records)) \
         if cfg.log else None
     n_runs = sum(r.cfg is not None for r in sel.records)
     return ReportResult(out, groups, n_runs, run_id, files)

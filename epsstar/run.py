@@ -13,7 +13,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,12 @@ DEFAULT_CHECKPOINT_ROOT = Path("checkpoints")
 # Checkpoints are uploaded to the artifact store at the end of a run and at most this often
 # during it (local checkpoints are written every epoch): cheap on the digits default, and a run
 # killed on one machine can still resume on another from a recent epoch.
+# EPSSTAR_UPLOAD_EVERY_S overrides it (0: after every epoch). A failed periodic upload costs a
+# warning and is tried again at the next epoch.
 UPLOAD_EVERY_S = 300.0
+# Retries (about 90 s of back-off) for what a finished run must leave in the tracking store, so a
+# tracking server restarting at the end of a long run does not cost the run.
+FINAL_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -144,15 +150,20 @@ def run_training(
     download: bool = False,
     progress: bool | None = None,
     log_model: bool = True,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Train ``cfg`` as a tracked run and return its final metrics.
 
     Args:
         run_id: log into this existing run (e.g. the run ``mlflow run`` created for us).
         resume_from_run: continue this (dead) run's training from its last checkpoint, as a
-            retried trial does; its checkpoint is copied in from its directory or artifacts.
+            retried trial does: a new run (tagged ``epsstar.resumed_from``; the dead one keeps
+            its KILLED status) starts from the checkpoint, copied in from the dead run's
+            directory or its ``checkpoints/`` artifacts, with the epochs already done logged.
         reuse: return an identical FINISHED run (same ``epsstar.config_hash``) instead of
             training again.
+        on_start: called with the run id as soon as the run exists, before training (a search
+            records it in its Optuna trial, so the run of a trial that dies can be ended).
     """
     data = load_data(cfg, download=download)
     init_weights = load_init_weights(cfg.init)
@@ -168,34 +179,46 @@ def run_training(
     extra_tags = dict(tags or {})
     if parent_run_id:
         extra_tags[tracking.TAG_PARENT] = parent_run_id
-    resumable = run_id or find_resumable(experiment_id, cfg, root)
+    resumable = run_id or (None if resume_from_run else find_resumable(experiment_id, cfg, root))
     if resumable:
         tracker = tracking.RunTracker.attach(resumable, cfg, tags=extra_tags)
     else:
         tracker = tracking.RunTracker.create(cfg, experiment_id=experiment_id,
                                              run_name=run_name, tags=extra_tags)
     directory = root / tracker.run_id
-    if resume_from_run and resume_from_run != tracker.run_id:
-        _adopt_checkpoint(resume_from_run, root, directory)
     try:
+        if on_start is not None:
+            on_start(tracker.run_id)
+        if resume_from_run and resume_from_run != tracker.run_id:
+            _adopt_checkpoint(resume_from_run, root, directory, tracker)
         with _run_lock(directory):
             result, resumed = _train_tracked(cfg, data, tracker, directory, init_weights)
             _record(cfg, data, result, tracker, log_model=log_model)
     except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            # SIGTERM / Ctrl-C: leave the newest checkpoint where a retry on any machine finds it
+            _upload_checkpoints(tracker, directory, attempts=2, required=False)
         tracker.end(tracking.end_status_for(exc))
         raise
     tracker.end("FINISHED")
     return RunOutcome(tracker.run_id, result.best, reused=False, resumed_from_epoch=resumed)
 
 
-def _adopt_checkpoint(source_run: str, root: Path, directory: Path) -> None:
-    """Copy a dead run's last checkpoint so a retried trial continues instead of restarting."""
+def _adopt_checkpoint(source_run: str, root: Path, directory: Path,
+                      tracker: tracking.RunTracker) -> None:
+    """Copy a dead run's last checkpoint so a retried trial continues instead of restarting,
+    and log the epochs it already holds, so the new run's curves start at epoch 1."""
     src = root / source_run
-    if _fetch_last_checkpoint(source_run, src):
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in ("last.pt", "best.pt"):
-            if (src / name).exists() and not (directory / name).exists():
-                (directory / name).write_bytes((src / name).read_bytes())
+    if not _fetch_last_checkpoint(source_run, src):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("last.pt", "best.pt"):
+        if (src / name).exists() and not (directory / name).exists():
+            (directory / name).write_bytes((src / name).read_bytes())
+    tracker.set_tags({tracking.TAG_RESUMED_FROM: source_run})
+    for row in load_checkpoint(directory / "last.pt")["history"]:
+        metrics = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
+        tracker.log_metrics(metrics, step=int(row["epoch"]), background=True)
 
 
 def _train_tracked(cfg, data, tracker, directory, init_weights) -> tuple[FitResult, int]:
@@ -207,9 +230,9 @@ def _train_tracked(cfg, data, tracker, directory, init_weights) -> tuple[FitResu
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal last_upload
-        tracker.log_metrics(metrics, step=epoch)
-        if time.monotonic() - last_upload > UPLOAD_EVERY_S:
-            _upload_checkpoints(tracker, directory)
+        tracker.log_metrics(metrics, step=epoch, background=True)
+        if (time.monotonic() - last_upload >= upload_interval_s()
+                and _upload_checkpoints(tracker, directory, attempts=2, required=False)):
             last_upload = time.monotonic()
 
     result = fit(cfg, data, checkpoint_dir=directory, init_weights=init_weights,
@@ -217,10 +240,26 @@ def _train_tracked(cfg, data, tracker, directory, init_weights) -> tuple[FitResu
     return result, resumed
 
 
-def _upload_checkpoints(tracker: tracking.RunTracker, directory: Path) -> None:
-    for name in ("best.pt", "last.pt"):
-        if (directory / name).exists():
-            tracker.log_artifact(directory / name, "checkpoints")
+def upload_interval_s() -> float:
+    """Seconds between checkpoint uploads during a run (EPSSTAR_UPLOAD_EVERY_S, else 300)."""
+    return float(os.environ.get("EPSSTAR_UPLOAD_EVERY_S", UPLOAD_EVERY_S))
+
+
+def _upload_checkpoints(tracker: tracking.RunTracker, directory: Path, *,
+                        attempts: int = FINAL_ATTEMPTS, required: bool = True) -> bool:
+    """Upload ``best.pt`` and ``last.pt`` as ``checkpoints/`` artifacts; True when done.
+    Unless ``required``, a failure is a warning (the next upload sends the newer files)."""
+    try:
+        for name in ("best.pt", "last.pt"):
+            if (directory / name).exists():
+                tracker.log_artifact(directory / name, "checkpoints", attempts=attempts)
+    except Exception as err:  # unreachable store: the local checkpoint is still there
+        if required:
+            raise
+        warnings.warn(f"checkpoint upload of run {tracker.run_id} failed "
+                      f"({tracking._short(err)}); tried again later", stacklevel=2)
+        return False
+    return True
 
 
 def _record(cfg: TrainConfig, data: DataBundle, result: FitResult,
@@ -228,14 +267,14 @@ def _record(cfg: TrainConfig, data: DataBundle, result: FitResult,
     """Final metrics and artifacts: config, per-epoch CSV, checkpoints, the MLflow model."""
     tracker.log_metrics(result.best, step=0)
     _upload_checkpoints(tracker, result.checkpoint_dir)
-    tracker.log_dict(cfg.to_params(), "config.json")
+    tracker.log_dict(cfg.to_params(), "config.json", attempts=FINAL_ATTEMPTS)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "epochs.csv"
         with open(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(result.history[0]))
             writer.writeheader()
             writer.writerows(result.history)
-        tracker.log_artifact(path)
+        tracker.log_artifact(path, attempts=FINAL_ATTEMPTS)
     if log_model:
         shape = (data.in_channels, data.image_size, data.image_size)
         _log_mlflow_model(result.model, tracker.run_id, shape)

@@ -4,6 +4,11 @@ One parent MLflow run (``epsstar.role=search``) holds the answer; the clean run 
 are child runs trained through :func:`epsstar.run.run_training`, so identical finished runs are
 reused and a rerun of the same command trains nothing new. The Optuna study holds the search
 state (the sampler keeps none), so a crashed driver or another worker continues the same search.
+
+The study also records what a worker needs to join from another process or machine (the parent
+run id, the experiment id and the full TrainConfig, as user attributes): :func:`start_search`
+prepares a search, :func:`run_trials` trains its trials in any number of processes (see
+:mod:`epsstar.lab`), :func:`finish_search` summarizes it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,15 +31,25 @@ from epsstar import tracking
 from epsstar.config import ConfigError, EpsstarError, SearchConfig, TrainConfig
 from epsstar.estimate import Estimate
 from epsstar.run import RunOutcome, run_training
-from epsstar.sampler import BisectionSampler, ensure_compatible, estimate_from_study
+from epsstar.sampler import (
+    BisectionSampler,
+    ensure_compatible,
+    estimate_from_study,
+    study_settings,
+)
 
 log = logging.getLogger(__name__)
 
 # How long a trial may go without a heartbeat before another worker declares it dead and
 # retries it. Training writes a heartbeat every HEARTBEAT_S; a GPU epoch can be long, but the
-# heartbeat comes from a thread of Optuna's, not from the training loop.
+# heartbeat comes from a thread of Optuna's, not from the training loop. EPSSTAR_HEARTBEAT_S and
+# EPSSTAR_GRACE_S override them (whole seconds, as Optuna requires).
 HEARTBEAT_S = 20
 GRACE_S = 60
+MAX_RETRY = 3  # a dead trial's ε is queued again at most this many times
+
+# Study user attributes that let a worker rebuild the search from the study alone.
+LAB_ATTRS = ("parent_run_id", "experiment_id", "train_config")
 
 
 @dataclass(frozen=True)
@@ -68,28 +84,86 @@ def default_storage() -> str:
     return f"sqlite:///{(directory / 'optuna.db').resolve()}"
 
 
+def check_storage(url: str, workers: int) -> None:
+    """Refuse SQLite for several workers: it locks the whole database on every write, so with
+    several worker processes trials time out (use PostgreSQL, or a JournalStorage file on one
+    machine)."""
+    if url.startswith("sqlite") and workers > 1:
+        raise ConfigError("SQLite storage cannot serve several workers (it locks the whole "
+                          "database); use --storage postgresql+psycopg2://... or a journal file "
+                          "(--storage journal:///path/optuna.journal) on one machine")
+
+
 def open_storage(url: str, *, workers: int = 1) -> optuna.storages.BaseStorage:
     """An Optuna storage with heartbeats (so dead workers' trials are detected and retried).
 
-    SQLite locks the whole database on every write: with several worker processes trials time
-    out, so it is refused for more than one worker (use PostgreSQL, or a JournalStorage file on
-    one machine).
+    A trial whose heartbeat is older than the grace period is failed by the next worker that
+    starts a trial (or by ``epsstar reap``) and handed to :func:`retry_dead_trial`. A journal
+    file has no heartbeats: there a dead worker's trial stays RUNNING (the sampler plans around
+    it). SQLite is refused for more than one worker (:func:`check_storage`).
     """
-    if url.startswith("sqlite") and workers > 1:
-        raise ConfigError("SQLite storage cannot serve several workers (it locks the whole "
-                          "database); use --storage postgresql://... or a journal file "
-                          "(--storage journal:///path/optuna.journal)")
+    check_storage(url, workers)
     if url.startswith("journal:///"):
         backend = optuna.storages.journal.JournalFileBackend(url[len("journal:///") - 1:])
         return optuna.storages.JournalStorage(backend)
     try:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            url, heartbeat_interval=_seconds("EPSSTAR_HEARTBEAT_S", HEARTBEAT_S),
+            grace_period=_seconds("EPSSTAR_GRACE_S", GRACE_S),
+            heartbeat_stale_trial_callback=retry_dead_trial,
         )
     except Exception as err:
-        raise EpsstarError(f"cannot open Optuna storage {url}: {tracking._short(err)}") from None
+        hint = (" (SQLAlchemy reads postgresql:// as the psycopg 3 driver; write "
+                "postgresql+psycopg2://... for psycopg2)" if "psycopg" in str(err) else "")
+        raise EpsstarError(f"cannot open Optuna storage {url}: {tracking._short(err)}{hint}") \
+            from None
+
+
+def _seconds(name: str, default: int) -> int:
+    try:
+        value = int(os.environ.get(name, default))
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of seconds") from None
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def retry_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """The fate of a trial whose worker died (stale heartbeat, or an orphan / interrupted trial):
+    its MLflow run (the ``run_id`` user attr) is ended KILLED and, unless the search is already
+    over, Optuna's RetryHeartbeatStaleTrialCallback queues the same ε again (the retry's system
+    attr ``failed_trial`` names the original trial); the retry resumes from the dead run's last
+    checkpoint (see :func:`make_objective`)."""
+    run_id = trial.user_attrs.get("run_id")
+    if run_id:
+        try:
+            tracking.end_if_running(run_id, "KILLED")
+        except Exception as err:  # tracking store down: `epsstar reap` ends the run later
+            log.warning("run %s of dead trial %d not ended: %s", run_id, trial.number,
+                        tracking._short(err))
+    sampler = study.sampler
+    if isinstance(sampler, BisectionSampler) and sampler.stop_reason(study) is not None:
+        return
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def load_search_study(study_name: str, storage: str, *, workers: int = 1) -> optuna.Study:
+    """A study prepared by :func:`start_search`, with its BisectionSampler rebuilt from the
+    settings the study records (so any process can join or inspect the search)."""
+    opened = open_storage(storage, workers=workers)
+    try:
+        plain = optuna.load_study(study_name=study_name, storage=opened)
+    except KeyError:
+        raise ConfigError(f"no study {study_name!r} in {storage}") from None
+    missing = [key for key in LAB_ATTRS if key not in plain.user_attrs]
+    if missing:
+        raise ConfigError(f"study {study_name!r} was not prepared by find_epsstar "
+                          f"(no {', '.join(missing)} user attribute)")
+    settings = {k: v for k, v in study_settings(plain).items() if k != "sampler"}
+    return optuna.load_study(study_name=study_name, storage=opened,
+                             sampler=BisectionSampler(**settings))
 
 
 # --------------------------------------------------------------------------- the parent run
@@ -127,8 +201,13 @@ def _env_run_id() -> str | None:
 
 # --------------------------------------------------------------------------- the objective
 def make_objective(cfg: TrainConfig, *, experiment_id: str, parent_run_id: str,
-                   study_name: str, checkpoint_root: Path, log_model: bool):
-    """Objective for ``study.optimize``: train at the proposed ε, return R̂(θ̂(ε), ε)."""
+                   study_name: str, checkpoint_root: Path, log_model: bool,
+                   download: bool = False):
+    """Objective for ``study.optimize``: train at the proposed ε, return R̂(θ̂(ε), ε).
+
+    The trial's ``run_id`` user attr is set as soon as its run exists, so the run of a trial
+    whose worker dies can be ended KILLED and its checkpoint adopted by the retry.
+    """
 
     def objective(trial: optuna.Trial) -> float:
         eps = trial.suggest_float("eps", trial.study.user_attrs["eps_low"],
@@ -138,7 +217,8 @@ def make_objective(cfg: TrainConfig, *, experiment_id: str, parent_run_id: str,
             cfg.replace(eps=eps), experiment_id=experiment_id, parent_run_id=parent_run_id,
             tags={tracking.TAG_STUDY: study_name, tracking.TAG_TRIAL: str(trial.number)},
             checkpoint_root=checkpoint_root, log_model=log_model, resume_from_run=retried_from,
-            progress=False,
+            progress=False, download=download,
+            on_start=lambda run_id: trial.set_user_attr("run_id", run_id),
         )
         trial.set_user_attr("run_id", outcome.run_id)
         trial.set_user_attr("reused", outcome.reused)
@@ -148,13 +228,11 @@ def make_objective(cfg: TrainConfig, *, experiment_id: str, parent_run_id: str,
 
 
 def _retried_run(trial: optuna.Trial) -> str | None:
-    """The MLflow run of the dead trial this one retries (Optuna's RetryFailedTrialCallback
-    records the original trial number in the retry's system attrs)."""
+    """The MLflow run of the dead trial this one retries: the last of its ``retry_history``
+    (Optuna's retry callback lists the dead attempts; the latest got furthest)."""
     trials = trial.study.get_trials(deepcopy=False)
-    origin = trials[trial.number].system_attrs.get("failed_trial")
-    if origin is None:
-        return None
-    return trials[origin].user_attrs.get("run_id")
+    history = trials[trial.number].system_attrs.get("retry_history") or []
+    return trials[history[-1]].user_attrs.get("run_id") if history else None
 
 
 def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -190,6 +268,24 @@ def create_or_load_study(
     return study
 
 
+@dataclass
+class SearchSession:
+    """A prepared search: its parent run, the clean run that set R*(0), and the study that
+    workers join (the study's user attributes hold everything they need, see LAB_ATTRS)."""
+
+    cfg: TrainConfig  # eps = 0; each trial trains cfg.replace(eps=...)
+    experiment_id: str
+    parent: tracking.RunTracker
+    clean: RunOutcome
+    study: optuna.Study
+    storage: str  # the Optuna storage URL workers open
+    threshold: float  # R*(0)
+
+    @property
+    def study_name(self) -> str:
+        return self.study.study_name
+
+
 def find_epsstar(
     cfg: TrainConfig,
     search: SearchConfig,
@@ -199,25 +295,67 @@ def find_epsstar(
     log_model: bool = True,
     download: bool = False,
 ) -> SearchResult:
-    """The whole search. ``cfg.eps`` is ignored (the clean run uses 0, trials the sampler's ε)."""
+    """The whole search. ``cfg.eps`` is ignored (the clean run uses 0, trials the sampler's ε).
+
+    With ``search.workers > 1`` the trials run in that many local ``epsstar worker`` processes
+    (started once the study exists; workers on other machines may join the same study).
+    """
+    check_storage(search.storage or default_storage(), search.workers)  # before any training
+    session = start_search(cfg, search, experiment_id=experiment_id,
+                           checkpoint_root=checkpoint_root, log_model=log_model,
+                           download=download)
+    try:
+        if search.workers > 1:
+            from epsstar.lab import run_local_workers  # lab.py builds on this module
+
+            run_local_workers(session, search.workers, checkpoint_root=checkpoint_root,
+                              log_model=log_model, download=download)
+        else:
+            _fail_orphans(session.study, session.storage)
+            run_trials(session.study, session.cfg, experiment_id=session.experiment_id,
+                       parent_run_id=session.parent.run_id, checkpoint_root=checkpoint_root,
+                       log_model=log_model, download=download, n_trials=search.max_trials)
+        return finish_search(session)
+    except BaseException as exc:
+        session.parent.end(tracking.end_status_for(exc))
+        raise
+
+
+def start_search(
+    cfg: TrainConfig,
+    search: SearchConfig,
+    *,
+    experiment_id: str | None = None,
+    checkpoint_root: str | Path = "checkpoints",
+    log_model: bool = True,
+    download: bool = False,
+) -> SearchSession:
+    """Everything before the first trial: the parent run, the clean run (R*(0)), the study,
+    and the study's LAB_ATTRS. The parent run ends FAILED/KILLED if this fails."""
     cfg = cfg.replace(eps=0.0)
     experiment_id = experiment_id or tracking.get_or_create_experiment()
     name = search.study_name or default_study_name(cfg)
     parent = _parent_run(cfg, name, experiment_id)
     try:
-        result = _search(cfg, search, parent, name, experiment_id, Path(checkpoint_root),
-                         log_model=log_model, download=download)
+        return _prepare(cfg, search, parent, name, experiment_id, Path(checkpoint_root),
+                        log_model=log_model, download=download)
     except BaseException as exc:
         parent.end(tracking.end_status_for(exc))
         raise
+
+
+def finish_search(session: SearchSession) -> SearchResult:
+    """Summarize the study on the parent run (ε*, bracket, report) and end the parent run."""
+    result = summarize(session.study, session.parent, session.clean, session.threshold,
+                       session.study_name)
     if not _env_run_id():  # `mlflow run` ends its own run when the command exits
-        parent.end("FINISHED")
+        session.parent.end("FINISHED")
     else:
-        parent.flush()
+        session.parent.flush()
     return result
 
 
-def _search(cfg, search, parent, name, experiment_id, root, *, log_model, download):
+def _prepare(cfg, search, parent, name, experiment_id, root, *, log_model, download):
     clean = run_training(cfg, experiment_id=experiment_id, parent_run_id=parent.run_id,
                          tags={tracking.TAG_STUDY: name}, checkpoint_root=root,
                          log_model=log_model, download=download, progress=False)
@@ -230,15 +368,59 @@ def _search(cfg, search, parent, name, experiment_id, root, *, log_model, downlo
         if search.clean_guess else None
     study = create_or_load_study(cfg, search, threshold=threshold,
                                  clean_train_loss=clean_train_loss, lower_guess=lower_guess)
-    _fail_orphans(study, search)
-    objective = make_objective(cfg, experiment_id=experiment_id, parent_run_id=parent.run_id,
-                               study_name=name, checkpoint_root=root, log_model=log_model)
-    if not _study_done(study):
-        # a diverged or refused run fails its trial; the sampler ignores failed trials
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(objective, n_trials=search.max_trials,
-                       catch=(EpsstarError, FloatingPointError), callbacks=[_print_trial])
-    return summarize(study, parent, clean, threshold, name)
+    lab = {"parent_run_id": parent.run_id, "experiment_id": experiment_id,
+           "train_config": asdict(cfg)}
+    for key, value in lab.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    return SearchSession(cfg, experiment_id, parent, clean, study,
+                         search.storage or default_storage(), threshold)
+
+
+def run_trials(
+    study: optuna.Study,
+    cfg: TrainConfig,
+    *,
+    experiment_id: str,
+    parent_run_id: str,
+    checkpoint_root: str | Path = "checkpoints",
+    log_model: bool = True,
+    download: bool = False,
+    n_trials: int | None = None,
+) -> None:
+    """Train trials at the sampler's ε until it stops the search (or after ``n_trials`` here).
+
+    Trials run through ``study.optimize``, so the storage's heartbeats mark them alive and a
+    dead worker's trial is failed and retried (:func:`retry_dead_trial`). A diverged or
+    refused run fails its trial (the sampler ignores failed trials). On Ctrl-C or SIGTERM the
+    interrupted trial is queued again before the interrupt goes on: its run ends KILLED with
+    its checkpoint uploaded, and the next worker resumes it.
+    """
+    if _study_done(study):
+        return
+    objective = make_objective(cfg, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                               study_name=study.study_name, checkpoint_root=Path(checkpoint_root),
+                               log_model=log_model, download=download)
+    started: list[int] = []
+
+    def tracked(trial: optuna.Trial) -> float:
+        started.append(trial.number)
+        return objective(trial)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study.optimize(tracked, n_trials=n_trials, catch=(EpsstarError, FloatingPointError),
+                       callbacks=[_print_trial])
+    except KeyboardInterrupt:
+        if started:
+            _requeue(study, started[-1])
+        raise
+
+
+def _requeue(study: optuna.Study, number: int) -> None:
+    trial = study.get_trials(deepcopy=False)[number]
+    if trial.state == optuna.trial.TrialState.FAIL:  # Optuna fails an interrupted trial
+        retry_dead_trial(study, trial)
 
 
 def _has_param(run_id: str, key: str) -> bool:
@@ -249,18 +431,17 @@ def _study_done(study: optuna.Study) -> bool:
     return study.sampler.stop_reason(study) is not None
 
 
-def _fail_orphans(study: optuna.Study, search: SearchConfig) -> None:
-    """With one local worker, a RUNNING trial left in the study belongs to a process that died
-    (Ctrl-C, crash): fail it now, so Optuna's retry callback re-queues its ε at once instead of
-    after the heartbeat grace period."""
-    if search.workers != 1:
+def _fail_orphans(study: optuna.Study, storage_url: str) -> None:
+    """With one worker on a SQLite or journal file (one process at a time), a RUNNING trial
+    left in the study belongs to a process that died (crash, kill -9): fail it now, so its ε is
+    queued again at once instead of after the heartbeat grace period. A server database may
+    serve live workers on other machines: there only heartbeats say which trial is dead."""
+    if not storage_url.startswith(("sqlite", "journal")):
         return
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        callback = getattr(storage, "failed_trial_callback", None)
-        if callback is not None:
-            callback(study, study.get_trials(deepcopy=False)[trial.number])
+        if storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+            retry_dead_trial(study, study.get_trials(deepcopy=False)[trial.number])
 
 
 def _clean_lower_guess(cfg: TrainConfig, clean: RunOutcome, threshold: float,

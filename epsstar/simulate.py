@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from epsstar.config import ConfigError
+from epsstar.config import NORMS, ConfigError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -67,8 +67,8 @@ class SimulateConfig:
             raise ConfigError("d and n need at least one value each")
         if min(self.d) < 1 or min(self.n) < 1:
             raise ConfigError(f"d and n must be >= 1, got d={self.d}, n={self.n}")
-        if self.norm not in ("l2", "linf"):
-            raise ConfigError(f"unknown norm {self.norm!r}; choose one of: l2, linf")
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
         # Hotelling's T² against the other reps - 1 clean runs needs reps - 1 > d
         if self.reps < max(self.d) + 2:
             raise ConfigError(

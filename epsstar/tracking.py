@@ -15,9 +15,11 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +40,7 @@ TAG_STUDY = "epsstar.study"
 TAG_TRIAL = "epsstar.trial"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_GIT = "mlflow.source.git.commit"
+TAG_RESUMED_FROM = "epsstar.resumed_from"  # the dead run whose checkpoint a retried trial adopted
 
 EPOCH_METRICS = (
     "train_adv_loss",
@@ -129,15 +132,24 @@ def _short(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:200]
 
 
+# Answers no retry can change: wrong credentials, or a user without permission on the
+# experiment (basic-auth). They fail at once with one clear line, not after the back-off.
+_REFUSALS = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
 def retry(fn: Callable[[], T], *, what: str, attempts: int = 5, delay: float = 1.0) -> T:
     """Call ``fn``; on failure warn and retry with exponential back-off; re-raise the last error.
 
-    A tracking outage in the middle of a 10-hour run must cost a warning, not the run.
+    A tracking outage in the middle of a 10-hour run must cost a warning, not the run. A refusal
+    by the server's authentication raises :class:`TrackingError` at once.
     """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as err:  # network errors come as many types; all are retried
+            if getattr(err, "error_code", None) in _REFUSALS:
+                user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
+                raise TrackingError(f"MLflow {what} refused for {user}: {_short(err)}") from None
             if attempt == attempts:
                 raise
             warnings.warn(
@@ -196,6 +208,9 @@ class RunTracker:
 
     run_id: str
     pending: list[Metric] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _inflight: Future | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -248,17 +263,29 @@ class RunTracker:
             items = [RunTag(k, str(v)) for k, v in tags.items()]
             retry(lambda: client().log_batch(self.run_id, tags=items), what="set tags")
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        """Queue metrics and flush them in one call (no run is lost to a tracking outage)."""
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, *,
+                    background: bool = False) -> None:
+        """Queue metrics and flush them in one call.
+
+        ``background=True`` (per-epoch metrics) sends them from a worker thread so training
+        never waits for the tracking store; what fails stays queued for the next flush.
+        """
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.flush(attempts=2)
+        with self._lock:
+            self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if not background:
+            self.flush(attempts=2)
+        elif self._inflight is None or self._inflight.done():
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="mlflow-log")
+            self._inflight = self._executor.submit(self.flush, 2)
 
     def flush(self, attempts: int = 5) -> bool:
         """Send queued metrics; on failure keep them for the next flush and return False."""
-        if not self.pending:
+        with self._lock:
+            batch = list(self.pending)
+        if not batch:
             return True
-        batch = self.pending
         try:
             for i in range(0, len(batch), 1000):  # MLflow's per-request metric limit
                 chunk = batch[i:i + 1000]
@@ -266,23 +293,34 @@ class RunTracker:
                       what="log metrics", attempts=attempts)
         except Exception as err:
             warnings.warn(f"MLflow unreachable ({_short(err)}); {len(batch)} metric values "
-                          "kept and retried at the next epoch", stacklevel=2)
+                          "kept and retried at the next flush", stacklevel=2)
             return False
-        self.pending = []
+        with self._lock:
+            del self.pending[:len(batch)]  # new values may have been queued meanwhile
         return True
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        retry(lambda: client().log_artifact(self.run_id, str(path), artifact_path),
-              what="log artifact")
+    def wait(self) -> None:
+        """Let a background flush finish (before the final flush or a status change)."""
+        if self._inflight is not None:
+            self._inflight.result()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
-    def log_dict(self, data: dict, name: str) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, *,
+                     attempts: int = 5) -> None:
+        retry(lambda: client().log_artifact(self.run_id, str(path), artifact_path),
+              what="log artifact", attempts=attempts)
+
+    def log_dict(self, data: dict, name: str, *, attempts: int = 5) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-            self.log_artifact(path)
+            self.log_artifact(path, attempts=attempts)
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush what is pending (longer retries: it is the last chance) and set the status."""
+        self.wait()
         self.flush(attempts=8)
         RunStatus.from_string(status)  # validates the name
         retry(lambda: client().set_terminated(self.run_id, status=status), what="end run",
@@ -301,6 +339,19 @@ def end_status_for(exc: BaseException | None) -> str:
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return "KILLED"
     return "FAILED"
+
+
+def end_if_running(run_id: str, status: str = "KILLED") -> bool:
+    """End a run that a dead process left RUNNING (a FINISHED or FAILED run keeps its status).
+
+    Returns True when the run was RUNNING and now has ``status``.
+    """
+    RunStatus.from_string(status)  # validates the name
+    run = retry(lambda: client().get_run(run_id), what="get_run")
+    if run.info.status != "RUNNING":
+        return False
+    retry(lambda: client().set_terminated(run_id, status=status), what="end run")
+    return True
 
 
 def run_params(run_id: str) -> dict[str, str]:

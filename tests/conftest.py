@@ -13,6 +13,9 @@ from epsstar.config import TrainConfig
 from epsstar.data import DataBundle, load_data
 from epsstar.models import build_model
 
+# the MLflow store fixture (tracking_store) lives in tests/_store.py
+pytest_plugins = ["_store"]
+
 
 @pytest.fixture(scope="session")
 def digits() -> DataBundle:

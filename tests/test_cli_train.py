@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-from _store import _empty_store, runs_with_status, tracking_store  # noqa: F401
+from _store import runs_with_status
 from click.testing import CliRunner
 
 from epsstar.cli import main

@@ -7,7 +7,8 @@ from epsstar.config import ConfigError, TrainConfig, parse_eps
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("2/255", 2 / 255), ("0.1/255", 0.1 / 255), ("0.0078", 0.0078), ("0", 0.0), (" 8/255 ", 8 / 255), (0.5, 0.5)],
+    [("2/255", 2 / 255), ("0.1/255", 0.1 / 255), ("0.0078", 0.0078), ("0", 0.0),
+     (" 8/255 ", 8 / 255), (0.5, 0.5)],
 )
 def test_parse_eps_accepts_decimal_and_fraction(text, value):
     assert parse_eps(text) == pytest.approx(value)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from epsstar import finetune as finetune_module
 from epsstar.cli import finetune as finetune_cli
-from epsstar.cli._common import EpsstarGroup
+from epsstar.cli._common import EPS_LIST, EpsstarGroup
 from epsstar.config import ConfigError, TrainConfig
 from epsstar.estimate import extrapolate_epsstar
 from epsstar.finetune import ROLE, FinetuneConfig, finetune_epsstar
@@ -122,7 +122,7 @@ def test_config_rejects_bad_values(kwargs, message):
 
 def test_cli_defaults_agree_with_the_config():
     ft, defaults = FinetuneConfig(), finetune_cli._DEFAULTS
-    assert defaults["eps_list"] == ",".join(f"{e * 255:g}/255" for e in ft.eps_list)
+    assert EPS_LIST.convert(defaults["eps_list"], None, None) == ft.eps_list
     assert (defaults["attack"], defaults["epochs_fraction"], defaults["epochs"]) == (
         ft.attack, ft.epochs_fraction, ft.epochs)
 
@@ -248,6 +248,7 @@ def test_a_run_that_is_not_clean_is_refused(result):
     (["--eps-list", "0,1/255"], "must be > 0"),
     (["--eps-list", ""], "at least one"),
     (["--one-point-eps", "3/255"], "not in the fine-tune eps list"),
+    (["--init", "checkpoints/best.pt"], "clean run trained from scratch"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_run(result, args, message):
     before = len(_all_runs())

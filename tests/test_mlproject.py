@@ -32,7 +32,7 @@ def test_every_parameter_reaches_an_option(entry):
     options = {opt for p in cli.params for opt in p.opts}
     used = set(re.findall(r"\{(\w+)\}", command))
     declared = set(spec.get("parameters", {}))
-    assert used == declared, f"declared but unused: {declared - used}; undeclared: {used - declared}"
+    assert used == declared, f"unused: {declared - used}; undeclared: {used - declared}"
     for name in declared:
         flag = re.search(r"(--[\w-]+) \{" + name + r"\}", command)
         assert flag, f"{entry}: {{{name}}} is not the value of an option"

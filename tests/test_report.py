@@ -76,6 +76,7 @@ def store(tracking_store, tmp_path):  # noqa: F811 - the fixture imported above
 
 def report(tmp_path: Path, **kwargs):
     kwargs.setdefault("n_boot", 200)
+    kwargs.setdefault("max_curves", 0)  # figures are the slow part; two tests draw curves
     return make_report(ReportConfig(out=tmp_path / "out", **kwargs))
 
 

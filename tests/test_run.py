@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-from _store import TINY, _empty_store, runs_with_status, tracking_store  # noqa: F401
+from _store import TINY, runs_with_status
 
 from epsstar import tracking
 from epsstar.checkpoint import load_checkpoint
@@ -70,8 +70,8 @@ def test_identical_finished_run_is_reused(tracking_store):
 def test_killed_run_ends_killed_and_resumes_into_the_same_run(tracking_store, monkeypatch):
     original = tracking.RunTracker.log_metrics
 
-    def die_at_epoch_2(self, metrics, step=0):
-        original(self, metrics, step)
+    def die_at_epoch_2(self, metrics, step=0, **kw):
+        original(self, metrics, step, **kw)
         if step == 2:
             raise KeyboardInterrupt
 

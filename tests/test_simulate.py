@@ -169,6 +169,11 @@ def test_bad_config_is_a_config_error(changes: dict) -> None:
         SimulateConfig(**changes)
 
 
+def test_every_config_field_is_an_option_with_its_default() -> None:
+    options = {p.name: p.default for p in command.params if p.name != "figure"}
+    assert options == SimulateConfig().to_params()
+
+
 @pytest.mark.parametrize("args", [["--d", "0"], ["--d", "2,x"], ["--reps", "1"],
                                   ["--n", ""], ["--n-eps", "1"]])
 def test_bad_command_line_is_a_config_error(args: list[str]) -> None:

@@ -10,14 +10,14 @@ from epsstar.cli._options import config_from_kwargs, end_runs_on_sigterm, train_
 from epsstar.config import ATTACKS
 
 # The defaults of epsstar.finetune.FinetuneConfig, repeated so `epsstar --help` does not import
-# torch and MLflow (tests check they agree). --eps-list defaults to None = the dataclass's list.
+# torch and MLflow (tests check they agree).
 _DEFAULTS = {"eps_list": "0.25/255,0.5/255,1/255", "attack": "pgd", "epochs_fraction": 0.2,
              "epochs": 0}
 
 
 @click.command("finetune")
-@train_options(exclude=("eps", "attack", "init"))
-@click.option("--eps-list", type=EPS_LIST, default=None, show_default=_DEFAULTS["eps_list"],
+@train_options(exclude=("eps", "attack"))
+@click.option("--eps-list", type=EPS_LIST, default=_DEFAULTS["eps_list"], show_default=True,
               help="fine-tune radii, pixel units, comma-separated, each > 0")
 @click.option("--attack", type=click.Choice(ATTACKS), default=_DEFAULTS["attack"],
               show_default=True, help="fine-tuning attack (fgm: faster, similar estimates)")
@@ -54,10 +54,9 @@ def command(eps_list, attack, epochs_fraction, finetune_epochs, one_point_eps, c
     from epsstar.finetune import FinetuneConfig, finetune_epsstar, summary_line
 
     cfg = config_from_kwargs(kwargs)
-    ft = FinetuneConfig(attack=attack, epochs_fraction=epochs_fraction, epochs=finetune_epochs,
-                        one_point_eps=one_point_eps, clean_run_id=clean_run,
-                        compare_scratch=compare_scratch,
-                        **({} if eps_list is None else {"eps_list": eps_list}))
+    ft = FinetuneConfig(eps_list=eps_list, attack=attack, epochs_fraction=epochs_fraction,
+                        epochs=finetune_epochs, one_point_eps=one_point_eps,
+                        clean_run_id=clean_run, compare_scratch=compare_scratch)
     end_runs_on_sigterm()
     experiment_id = tracking.get_or_create_experiment(experiment)
     result = finetune_epsstar(cfg, ft, experiment_id=experiment_id,

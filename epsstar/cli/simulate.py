@@ -9,34 +9,36 @@ from pathlib import Path
 
 import click
 
+from epsstar.cli._options import end_runs_on_sigterm
+from epsstar.config import NORMS
 from epsstar.simulate import SimulateConfig, parse_int_list
 
-_DEFAULTS = SimulateConfig()
+_DEFAULTS = SimulateConfig().to_params()  # as written on the command line ("2,5,10")
 
 
 @click.command("simulate")
-@click.option("--d", "d_text", default=",".join(map(str, _DEFAULTS.d)), show_default=True,
+@click.option("--d", default=_DEFAULTS["d"], show_default=True,
               help="input dimensions, comma-separated")
-@click.option("--n", "n_text", default=",".join(map(str, _DEFAULTS.n)), show_default=True,
+@click.option("--n", default=_DEFAULTS["n"], show_default=True,
               help="training-set sizes, comma-separated")
-@click.option("--norm", type=click.Choice(["l2", "linf"]), default=_DEFAULTS.norm,
+@click.option("--norm", type=click.Choice(NORMS), default=_DEFAULTS["norm"],
               show_default=True, help="attack norm")
-@click.option("--reps", type=int, default=_DEFAULTS.reps, show_default=True,
+@click.option("--reps", type=int, default=_DEFAULTS["reps"], show_default=True,
               help="data sets per (d, n): a clean run and one run per eps on each")
-@click.option("--n-eps", type=int, default=_DEFAULTS.n_eps, show_default=True,
+@click.option("--n-eps", type=int, default=_DEFAULTS["n_eps"], show_default=True,
               help="grid points, log-spaced in eps/sqrt(d/n) over [1e-2, 1e2]")
-@click.option("--sigma", type=float, default=_DEFAULTS.sigma, show_default=True,
+@click.option("--sigma", type=float, default=_DEFAULTS["sigma"], show_default=True,
               help="noise standard deviation (||theta_0|| = 1)")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="random seed")
-@click.option("--rtol", type=float, default=_DEFAULTS.rtol, show_default=True,
+@click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True, help="random seed")
+@click.option("--rtol", type=float, default=_DEFAULTS["rtol"], show_default=True,
               help="relative bracket width at which the eps* search stops")
-@click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True,
+@click.option("--steps", type=int, default=_DEFAULTS["steps"], show_default=True,
               help="gradient-descent steps (the horizon early stopping chooses from)")
 @click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also save the overview figure (all settings) to this PNG file")
 def command(
-    d_text: str,
-    n_text: str,
+    d: str,
+    n: str,
     norm: str,
     reps: int,
     n_eps: int,
@@ -51,10 +53,11 @@ def command(
 
     from epsstar.simulate import format_table, plot, run
 
-    cfg = SimulateConfig(d=parse_int_list(d_text, "--d"), n=parse_int_list(n_text, "--n"),
+    cfg = SimulateConfig(d=parse_int_list(d, "--d"), n=parse_int_list(n, "--n"),
                          norm=norm, reps=reps, n_eps=n_eps, sigma=sigma, seed=seed, rtol=rtol,
                          steps=steps)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial drowns the table
+    end_runs_on_sigterm()
     results = run(cfg)
     click.echo(format_table(results))
     if figure is not None:
