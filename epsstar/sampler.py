@@ -67,8 +67,8 @@ MAX_TRIALS = "max_trials"
 ABOVE_RANGE = "above_range"  # the run at eps_high is still at or below the threshold
 BELOW_RANGE = "below_range"  # the run at eps_low (or the clean run) is above the threshold
 
-# ---- search constants: dimensionless, chosen with benchmarks/search_efficiency.py ----
-_MAX_STEP = 8.0  # largest factor between runs while unbracketed: 3 steps cross [0.1, 64]/255
+# ---- search constants: dimensionless, chosen on the curves of benchmarks/search.md ----
+_MAX_STEP = 8.0  # largest factor between runs while unbracketed (2 steps: mid to end of range)
 _MIN_STEP = 1.25  # smallest such factor, so a flat or noisy extrapolation still makes progress
 _START_STEP = 4.0  # first run at lower_guess × 4 when no initial_guess is given
 _OVERSHOOT = 0.1  # aim 10% (+ the estimate's spread) past an extrapolated crossing
@@ -385,13 +385,17 @@ def _believe(
     return believed
 
 
-def _avoid_duplicates(eps: float, held: Sequence[float], s: _Settings) -> float:
+def _avoid_duplicates(
+    eps: float, held: Sequence[float], within: tuple[float, float], s: _Settings
+) -> float:
     """``eps`` unless a held ε is within the duplicate distance; then the log-middle of the
-    widest gap between held ε inside the range: always a new run, and still informative."""
+    widest gap between held ε inside ``within`` (the bracket, else the range): a new run that
+    still narrows the search."""
     tol = _DUPLICATE * s.rtol
     if all(abs(eps - h) > tol * max(eps, h) for h in held):
         return eps
-    edges = np.unique(np.clip([s.eps_low, s.eps_high, *held], s.eps_low, s.eps_high))
+    lo, hi = within
+    edges = np.unique([lo, hi, *(h for h in held if lo < h < hi)])
     j = int(np.argmax(np.diff(np.log(edges))))
     return float(math.sqrt(edges[j] * edges[j + 1]))
 
@@ -402,7 +406,9 @@ def _plan(points: Points, pending: Sequence[float], s: _Settings) -> float:
     if pending and _search_over(believed, s, n_complete=0) is not None:
         believed = _believe(points, pending, s, flip_last=True)
     eps = _next_eps(believed, s, stalled=_stalled(points, s))
-    return _avoid_duplicates(eps, [e for e, _ in points] + list(pending), s)
+    lo, hi = _observed(points, s).bracket(s.threshold)
+    within = (lo or s.eps_low, hi or s.eps_high)
+    return _avoid_duplicates(eps, [e for e, _ in points] + list(pending), within, s)
 
 
 # --------------------------------------------------------------------------- reading a study
@@ -609,7 +615,7 @@ class BisectionSampler(BaseSampler):
             raise ConfigError(f"suggest {param_name!r} with suggest_float and no step")
         trials = study.get_trials(deepcopy=False)
         eps = trial.system_attrs.get(EPS_ATTR)
-        if eps is None or self._taken_before(trials, trial.number, float(eps)):
+        if eps is None or self._taken(trials, trial.number, float(eps)):
             reason = self._stop_reason(trials)
             if reason is not None:
                 _request_stop(study)
@@ -645,15 +651,18 @@ class BisectionSampler(BaseSampler):
         points, pending = _read_trials(trials, self.param_name, skip=number)
         return _plan(points, pending, self._settings)
 
-    def _taken_before(self, trials: Sequence[FrozenTrial], number: int, eps: float) -> bool:
-        """True when an earlier, live trial holds (about) the same ε: two workers planned at
-        the same instant without seeing each other, and the later one must plan again."""
+    def _taken(self, trials: Sequence[FrozenTrial], number: int, eps: float) -> bool:
+        """True when another live trial holds (about) the same ε and has the right to it: it
+        started earlier, or it already runs (its parameter is set). Two workers that planned at
+        the same instant without seeing each other get the same ε; the other one plans again."""
         tol = _DUPLICATE * self._settings.rtol
         live = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE)
         for t in trials:
             held = _held_eps(t, self.param_name)
-            if t.number < number and t.state in live and held is not None:
-                if abs(held - eps) <= tol * max(held, eps):
+            if t.number == number or t.state not in live or held is None:
+                continue
+            if abs(held - eps) <= tol * max(held, eps):
+                if t.number < number or self.param_name in t.params:
                     return True
         return False
 
