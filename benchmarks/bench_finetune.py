@@ -151,6 +151,9 @@ def _report(cfg: TrainConfig, ref: SearchResult, ref_seconds: float,
         f"reference eps* (find_epsstar, {ref.n_adversarial_runs} from-scratch PGD runs, "
         f"{ref_seconds:.0f} s of adversarial training): {star * 255:.3f}/255 "
         f"[{ref.estimate.lower * 255:.3f}, {ref.estimate.upper * 255:.3f}]",
+        "", "reference trials (eps /255: adv train loss): " + ", ".join(
+            f"{t['eps_255']:.3g}: {t['adv_train_loss']:.4f}"
+            for t in sorted(ref.trials, key=lambda t: t["eps"] or 0) if t["state"] == "COMPLETE"),
         "", "(a) cost (train_seconds)", "", *_cost_table(results, ref_seconds),
         "", "(b) Algorithm A.1 estimate vs reference", "", *_estimate_table(paper, star),
         "", f"(c) diagnostic: clean point from an eps = 0 fine-tune (loss {control:.4f}) instead "

@@ -4,9 +4,9 @@ report.md.
 Builds a synthetic sqlite tracking store with the tracking contract's params, tags and metrics:
 10 configuration groups (widths 16..160) × 100 runs (one clean run, 11 ε × 9 seeds from
 scratch), each with its final ``best_*`` metrics and its last epoch's per-epoch metrics;
-``--histories`` of them (the newest) carry 30-epoch histories. Then times the report stage by
-stage, in-process, and the whole ``epsstar report`` command in a fresh process (imports
-included).
+``--histories`` of them (every k-th run, each group's clean run among them) carry 30-epoch
+histories. Then times the report stage by stage, in-process, and the whole ``epsstar report``
+command in a fresh process (imports included).
 
 Usage:
     python benchmarks/bench_report.py --store /tmp/bench-report
@@ -74,7 +74,7 @@ def build_store(uri: str, n_histories: int) -> int:
             tracking.TAG_ROLE: cfg.role, tracking.TAG_HASH: cfg.config_hash()})
         final = synthetic_metrics(eps, width, rng)
         metrics = [Metric(k, v, 0, 0) for k, v in final.items()]
-        if i >= len(runs) - n_histories:
+        if i % (len(runs) // n_histories) == 0:  # spread over the groups, clean runs included
             metrics += history(final)
         client.log_batch(run.info.run_id, metrics=metrics,
                          params=[Param(k, str(v)) for k, v in cfg.to_params().items()])
@@ -95,7 +95,7 @@ def time_stages(uri: str, out: Path) -> dict[str, float]:
               for i, g in enumerate(report.group_runs(sel.records))]
     times["group + estimates + bootstrap"] = time.perf_counter() - t
     t = time.perf_counter()
-    curves = report.fetch_histories(client, report.curve_runs(groups, cfg.max_curves))
+    curves = report.fetch_histories(client, report.curve_candidates(groups), cfg.max_curves)
     times[f"histories ({len(curves)} runs)"] = time.perf_counter() - t
     t = time.perf_counter()
     result = report.make_report(cfg)  # the whole thing again, end to end

@@ -81,7 +81,11 @@ class TrainConfig:
     loss: str = "at"  # at (Madry) | trades | mart
     beta: float = 6.0  # TRADES / MART regularisation weight
     optimizer: str = "sgd"  # sgd | adam
-    lr: float = 0.1  # base (peak) learning rate
+    # base (peak) learning rate. 0.02 suits the digits default: at 0.1 the clean model's test
+    # loss bottoms out before the lr drop while adversarial runs' does not, and the early-stopped
+    # training losses jump between the two regimes (a noisy, non-monotone loss-vs-eps curve).
+    # The paper's CIFAR-10 setting uses 0.1.
+    lr: float = 0.02
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
     schedule: str = "piecewise"  # piecewise: /10 at 50% and 75% | triangular | constant
@@ -136,17 +140,31 @@ class TrainConfig:
         return 1 if self.attack == "fgm" else self.steps
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define what a run computes (device etc. excluded)."""
-        return {
+        """The fields that define what a run computes (device etc. excluded).
+
+        A clean run (ε = 0, from scratch) ignores every attack and objective field (every
+        objective is cross-entropy at ε = 0), so one clean run serves searches over any norm,
+        attack or loss.
+        """
+        ident = {
             f.name: getattr(self, f.name)
             for f in fields(self)
             if f.metadata.get("identity", True) and f.name != "data_dir"
         }
+        if self.role == "clean":
+            for name in _ATTACK_FIELDS:
+                ident.pop(name)
+        return ident
 
     def config_hash(self) -> str:
         """Stable hash of :meth:`identity`: two runs with the same hash compute the same thing."""
-        blob = json.dumps(self.identity(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _hash(self.identity())
+
+    def family_hash(self) -> str:
+        """Hash of everything but ε: the runs of one ε* search share it."""
+        ident = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.metadata.get("identity", True) and f.name not in ("data_dir", "eps")}
+        return _hash(ident)
 
     def to_params(self) -> dict[str, Any]:
         """MLflow params: every field plus the derived names of the tracking contract."""
@@ -167,6 +185,14 @@ class TrainConfig:
             raw = params[f.name]
             kwargs[f.name] = _coerce(raw, type(getattr(cls(), f.name)))
         return cls(**kwargs)
+
+
+_ATTACK_FIELDS = ("norm", "attack", "steps", "step_size", "loss", "beta")
+
+
+def _hash(values: dict[str, Any]) -> str:
+    blob = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _coerce(raw: Any, typ: type) -> Any:

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from epsstar.estimate import Estimate  # noqa: E402
 
@@ -58,7 +59,7 @@ def loss_vs_eps_figure(points: Series, threshold: float, estimate: Estimate | No
     ax.set_ylabel("adversarial training loss")
     ax.set_title(title or "Phase transition: where adversarial training leaves clean training",
                  fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")  # the curve rises to the right; "best" is slow
     # fixed margins, not tight_layout: the layout pass costs as much as drawing (report: dozens)
     fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.92)
     return fig
@@ -103,10 +104,12 @@ def learning_curves_figure(curves: Mapping[str, Series], *, gap: Series = (),
     for ax, name in zip(axes, ("loss", "accuracy", "gap ratio (test - train) / train"),
                         strict=True):
         _mark_epochs(ax, best_epoch, lr_drop_epoch)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7)  # one legend: the panels share colours and line styles
+    # one legend: the panels share colours and line styles; losses fall, so upper right is free
+    axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10)
     # fixed margins, not tight_layout: the layout pass costs as much as drawing (report: dozens)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.16, top=0.82, wspace=0.22)

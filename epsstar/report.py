@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
-import logging
+import itertools
 import math
 import os
 import re
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,8 +53,6 @@ from epsstar import tracking
 from epsstar.config import ConfigError, EpsstarError, TrainConfig
 from epsstar.estimate import Estimate, bootstrap_epsstar, extrapolate_epsstar, interpolate_epsstar
 
-log = logging.getLogger(__name__)
-
 PAGE_SIZE = 1000  # runs per search request (MLflow's maximum for one page)
 SKIPPED_ROLES = ("report", "simulate")  # epsstar runs that are not about training
 # Fields that vary *inside* a group: the x-axis and the repetitions of one experiment.
@@ -60,9 +60,9 @@ PER_RUN_FIELDS = ("eps", "seed", "init")
 # Fields that do not change what clean training (ε = 0) computes (every objective reduces to
 # cross-entropy at ε = 0): a group without a clean run of exactly its configuration takes one
 # that differs only in these, e.g. the PGD and the FGM groups of a CO experiment share one.
-ATTACK_FIELDS = ("attack", "steps", "step_size", "loss", "beta")
-CLEAN_FREE_FIELDS = ("norm", *ATTACK_FIELDS)
-LABEL_FIELDS = ("dataset", "arch", "width", "n_train", *CLEAN_FREE_FIELDS)
+# The norm is left out on purpose: runs of different norms are never mixed, not even at ε = 0.
+CLEAN_FREE_FIELDS = ("attack", "steps", "step_size", "loss", "beta")
+LABEL_FIELDS = ("dataset", "arch", "width", "n_train", "norm", *CLEAN_FREE_FIELDS)
 HISTORY_METRICS = ("train_adv_loss", "test_adv_loss", "train_adv_acc", "test_adv_acc", "lr")
 # Catastrophic overfitting (SPEC §6): after FGM training the PGD test accuracy is ~0 (below
 # COLLAPSED_ACC, or below COLLAPSED_FRACTION of the FGM training accuracy) while the training
@@ -179,10 +179,11 @@ def read_runs(client: mlflow.MlflowClient, cfg: ReportConfig) -> Selection:
         runs = _search_all(client, list(experiments), _filter(cfg))
         if cfg.parent:
             runs = [_get_run(client, cfg.parent, must_exist=True), *runs]
-        records = [RunRecord.from_mlflow(r) for r in runs
-                   if r.info.status == "FINISHED"
-                   and r.data.tags.get(tracking.TAG_ROLE) not in SKIPPED_ROLES]
-        records += _missing_clean_runs(client, records)
+    records = [RunRecord.from_mlflow(r) for r in runs if r.info.status == "FINISHED"
+               and r.data.tags.get(tracking.TAG_ROLE) not in SKIPPED_ROLES]
+    with _store_errors(uri, check_exists=False):
+        missing = _missing_clean_runs(client, records)
+    records += [RunRecord.from_mlflow(r) for r in missing]
     kept = [r for r in records if r.cfg is not None or _logged_estimates(r)]
     if not any(r.cfg is not None for r in kept):
         raise EpsstarError(f"no FINISHED epsstar runs in {_where(uri, experiments, cfg)}")
@@ -272,14 +273,13 @@ def _get_run(client: mlflow.MlflowClient, run_id: str, *, must_exist: bool) -> A
         return None
 
 
-def _missing_clean_runs(client: mlflow.MlflowClient, records: list[RunRecord]) -> list[RunRecord]:
-    """The clean runs that selected fine-tune runs start from but the filter left out (another
-    study or experiment): without them there is no R*(0) to extrapolate to."""
+def _missing_clean_runs(client: mlflow.MlflowClient, records: list[RunRecord]) -> list[Any]:
+    """The FINISHED clean runs that selected fine-tune runs start from but the filter left out
+    (another study or experiment): without them there is no R*(0) to extrapolate to."""
     have = {r.run_id for r in records}
     wanted = {_runs_uri_id(r.cfg.init) for r in records if r.kind == "finetune"} - have - {None}
     found = (_get_run(client, run_id, must_exist=False) for run_id in sorted(wanted))
-    return [RunRecord.from_mlflow(r) for r in found
-            if r is not None and r.info.status == "FINISHED"]
+    return [r for r in found if r is not None and r.info.status == "FINISHED"]
 
 
 def open_client(uri: str | None) -> mlflow.MlflowClient:
@@ -592,8 +592,8 @@ def _finetune_estimates(group: Group, notes: list[str]) -> Iterator[FinetuneEsti
         base = clean[source]
         threshold = base.metric("best_test_clean_loss")
         clean_loss = base.metric("best_train_adv_loss")
-        subsets = [sorted({r.eps for r in runs})] if len({r.eps for r in runs}) > 1 else []
-        subsets += [[e] for e in sorted({r.eps for r in runs})]
+        eps_values = sorted({r.eps for r in runs})
+        subsets = ([eps_values] if len(eps_values) > 1 else []) + [[e] for e in eps_values]
         for subset in subsets:
             chosen = [r for r in runs if r.eps in subset]
             estimate = extrapolate_epsstar([r.eps for r in chosen],
@@ -602,6 +602,28 @@ def _finetune_estimates(group: Group, notes: list[str]) -> Iterator[FinetuneEsti
             yield FinetuneEstimate(source, attack, tuple(subset), estimate)
     if len(clean) > 1 and by_source:
         notes.append("fine-tune estimates use the R*(0) of the clean run they start from")
+
+
+def compare_with_unstable(groups: Sequence[GroupReport]) -> list[GroupReport]:
+    """SPEC §6: ε* lies below the unstable ε of FGM training. Add a note saying whether it does
+    to each FGM group with an unstable ε and a PGD sibling group (same configuration otherwise)
+    that has a proper ε*."""
+    out = []
+    for g in groups:
+        sibling = next((s for s in groups if s.group.scratch and s.scratch is not None
+                        and s.scratch.bound is None and s.group.config.get("attack") == "pgd"
+                        and s.group.relaxed == g.group.relaxed
+                        and s.group.config.get("loss") == g.group.config.get("loss")), None)
+        if g.unstable_eps is None or sibling is None:
+            out.append(g)
+            continue
+        below = sibling.scratch.epsstar < g.unstable_eps
+        note = (f"eps* of the PGD group {sibling.slug} ({fmt255(sibling.scratch.epsstar)}/255) "
+                f"is {'below' if below else 'NOT below'} the unstable eps "
+                f"{fmt255(g.unstable_eps)}/255 "
+                f"({'as in' if below else 'unlike'} the paper, where it is always below)")
+        out.append(dataclasses.replace(g, notes=(*g.notes, note)))
+    return out
 
 
 def is_unstable(run: RunRecord) -> bool:
@@ -618,18 +640,19 @@ def _rows(runs: Sequence[RunRecord], unstable: frozenset[str]) -> Iterator[EpsRo
     for r in runs:
         kind = f"{r.cfg.attack} fine-tune" if r.kind == "finetune" else r.kind
         by.setdefault((kind, r.eps), []).append(r)
-    for (kind, eps), chosen in sorted(by.items(), key=lambda item: (item[0][0], item[0][1])):
+    for (kind, eps), chosen in sorted(by.items(), key=lambda item: item[0]):
         yield EpsRow(kind, eps, tuple(chosen), sum(r.run_id in unstable for r in chosen))
 
 
 def group_label(group: Group) -> str:
     """A one-line name of a group: dataset, model, n, norm, attack, objective."""
     c = group.config
-    parts = [str(c["dataset"]), f"{c['arch']}-{c['width']}", f"n={c['n_train'] or 'all'}"]
+    parts = [str(c["dataset"]), f"{c['arch']}-{c['width']}", f"n={c['n_train'] or 'all'}",
+             str(c["norm"])]
     if group.scratch:
         steps = f"-{c['steps']}" if c["attack"] == "pgd" else ""
         beta = f"(beta={c['beta']:g})" if c["loss"] != "at" else ""
-        parts += [str(c["norm"]), f"{c['attack']}{steps}", f"{c['loss']}{beta}"]
+        parts += [f"{c['attack']}{steps}", f"{c['loss']}{beta}"]
     elif "init" in c:
         parts.append("fine-tunes of a missing clean run")
     else:
@@ -639,8 +662,9 @@ def group_label(group: Group) -> str:
 
 def _slug(group: Group, index: int) -> str:
     c = group.config
-    what = f"{c['norm']}-{c['attack']}" if group.scratch else "clean"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"g{index:02d}-{c['dataset']}-{c['arch']}-{what}")
+    what = c["attack"] if group.scratch else "clean"
+    text = f"g{index:02d}-{c['dataset']}-{c['arch']}-{c['norm']}-{what}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 def differing_fields(groups: Sequence[GroupReport]) -> dict[str, str]:
@@ -682,42 +706,65 @@ class Curve:
         return statistics.fmean(after) if after else math.nan
 
 
-def curve_runs(groups: Sequence[GroupReport], limit: int) -> list[tuple[RunRecord, GroupReport]]:
-    """The runs whose learning curves are drawn, at most ``limit``: groups take turns; within a
-    group the clean run, then catastrophic FGM failures, then the ε nearest ε*, newest first."""
-    queues = [[(r, g) for r in _by_relevance(g)] for g in groups]
-    chosen: list[tuple[RunRecord, GroupReport]] = []
+def curve_candidates(groups: Sequence[GroupReport]) -> Iterator[tuple[RunRecord, GroupReport]]:
+    """Runs in the order their learning curves are worth drawing: the groups take turns; within
+    a group see :func:`_by_relevance`. A clean run shared by several groups comes once."""
+    queues = [deque(_by_relevance(g)) for g in groups]
     seen: set[str] = set()
-    while len(chosen) < limit and any(queues):
-        for queue in queues:
-            while queue and queue[0][0].run_id in seen:  # clean runs shared between groups
-                queue.pop(0)
-            if queue and len(chosen) < limit:
-                chosen.append(queue.pop(0))
-                seen.add(chosen[-1][0].run_id)
-    return chosen
+    while any(queues):
+        for group, queue in zip(groups, queues, strict=True):
+            while queue and queue[0].run_id in seen:
+                queue.popleft()
+            if queue:
+                run = queue.popleft()
+                seen.add(run.run_id)
+                yield run, group
 
 
 def _by_relevance(report: GroupReport) -> list[RunRecord]:
-    target = report.scratch.epsstar if report.scratch is not None else None
-
-    def distance(r: RunRecord) -> float:
-        if target is None or target <= 0 or r.eps <= 0:
-            return r.eps
-        return abs(math.log(r.eps / target))
-
+    """The newest clean run, the catastrophic FGM failures, the from-scratch runs nearest ε*
+    (in log ε), the fine-tunes, the other clean runs; newest first among equals."""
+    target = report.scratch.epsstar if report.scratch is not None else math.nan
     newest = sorted(report.group.runs, key=lambda r: -r.start_time)
-    return sorted(newest, key=lambda r: (r.kind != "clean", r.run_id not in report.unstable,
-                                         r.kind == "finetune", distance(r)))
+    first_clean = next((r for r in newest if r.kind == "clean"), None)
+
+    def rank(r: RunRecord) -> tuple[int, float]:
+        if r is first_clean:
+            return 0, 0.0
+        if r.run_id in report.unstable:
+            return 1, 0.0
+        if r.kind == "scratch":
+            near = abs(math.log(r.eps / target)) if target > 0 else r.eps
+            return 2, near
+        return (3, r.eps) if r.kind == "finetune" else (4, 0.0)
+
+    return sorted(newest, key=rank)  # stable: newest first among equal ranks
 
 
 def fetch_histories(client: mlflow.MlflowClient,
-                    chosen: Sequence[tuple[RunRecord, GroupReport]]) -> list[Curve]:
-    """Per-epoch histories of the chosen runs (one request per run and metric)."""
+                    candidates: Iterable[tuple[RunRecord, GroupReport]], limit: int) -> list[Curve]:
+    """Per-epoch histories of the first ``limit`` candidates that have one. A probe request
+    (train_adv_loss) first, then one request per other metric; at most 3·``limit`` probes, so a
+    store of runs logged without histories costs no more than that."""
+    curves: list[Curve] = []
     with _store_errors(client.tracking_uri, check_exists=False):
-        return [Curve(run, group, {
-            name: sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, name))
-            for name in HISTORY_METRICS}) for run, group in chosen]
+        for run, group in itertools.islice(candidates, 3 * limit):
+            if len(curves) == limit:
+                break
+            probe = _history(client, run.run_id, HISTORY_METRICS[0])
+            if not probe:
+                continue
+            series = {HISTORY_METRICS[0]: probe}
+            series.update({name: _history(client, run.run_id, name)
+                           for name in HISTORY_METRICS[1:]})
+            curves.append(Curve(run, group, series))
+    return curves
+
+
+def _history(client: mlflow.MlflowClient, run_id: str, name: str) -> list[tuple[int, float]]:
+    """(epoch, value) pairs, epochs ascending; step 0 is not an epoch (final metrics use it)."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)
+                  if m.step >= 1)
 
 
 # =============================================================================== documents
@@ -759,21 +806,26 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
     return f"{fmt(statistics.fmean(finite), digits)} ± {fmt(statistics.stdev(finite), digits)}"
 
 
-def describe_estimate(estimate: Estimate | None) -> str:
-    """ε* in /255 with its bracket (interpolation) or Fieller interval (extrapolation)."""
+def describe_estimate(estimate: Estimate | None, what: str = "") -> str:
+    """ε* in /255 with its bracket (interpolation) or Fieller interval (extrapolation);
+    ``what`` (e.g. "3-point") joins the remarks in parentheses."""
     if estimate is None:
         return "—"
     e = estimate
+    remarks = [what] if what else []
     if e.bound == "above":
-        return f"> {fmt255(e.lower)}/255"
-    if e.bound == "below":
-        return f"< {fmt255(e.upper)}/255"
-    text = f"{fmt255(e.epsstar)}/255"
-    if e.method == "interpolation":
-        text += f" [{fmt255(e.lower)}, {fmt255(e.upper)}]"
-    elif e.lower != e.upper:
-        text += f" ({BOOT_LEVEL:.0%} CI {fmt255(e.lower)}–{fmt255(e.upper)})"
-    return text + (" (isotonic)" if e.isotonic else "")
+        text = f"> {fmt255(e.lower)}/255"
+    elif e.bound == "below":
+        text = f"< {fmt255(e.upper)}/255"
+    else:
+        text = f"{fmt255(e.epsstar)}/255"
+        if e.method == "interpolation":
+            text += f" [{fmt255(e.lower)}, {fmt255(e.upper)}]"
+        elif e.lower != e.upper:
+            remarks.append(f"{BOOT_LEVEL:.0%} CI {fmt255(e.lower)}–{fmt255(e.upper)}")
+    if e.isotonic:
+        remarks.append("isotonic fit")
+    return text + (f" ({', '.join(remarks)})" if remarks else "")
 
 
 def headline_finetune(report: GroupReport, attack: str) -> FinetuneEstimate | None:
@@ -786,7 +838,7 @@ def _finetune_summary(report: GroupReport, attack: str) -> str:
     best = headline_finetune(report, attack)
     if best is None:
         return "—"
-    return f"{describe_estimate(best.estimate)} ({_points_label(best)})"
+    return describe_estimate(best.estimate, _points_label(best))
 
 
 def _points_label(f: FinetuneEstimate) -> str:
@@ -816,16 +868,25 @@ def summary_blocks(sel: Selection, groups: Sequence[GroupReport], curves: Sequen
     if sel.skipped:
         blocks.append(Block("p", f"{sel.skipped} FINISHED epsstar runs carry neither a training "
                                  "configuration nor an estimate and are not reported."))
-    diffs = differing_fields(groups)
-    blocks.append(_table(
-        ["group", "configuration", "other settings", "runs", "R*(0)", "eps* (scratch)",
-         f"bootstrap {BOOT_LEVEL:.0%}", "fine-tune PGD", "fine-tune FGM", "FGM unstable from"],
-        [[g.slug, g.label, diffs[g.slug] or "—", len(g.group.runs), fmt(g.threshold),
-          describe_estimate(g.scratch), _interval(g.interval), _finetune_summary(g, "pgd"),
-          _finetune_summary(g, "fgm"), _unstable_text(g)] for g in groups]))
+    blocks.append(_summary_table(groups))
     for g in groups:
         blocks += group_blocks(g, [c for c in curves if c.group is g])
     return blocks
+
+
+def _summary_table(groups: Sequence[GroupReport]) -> Block:
+    """One row per group; the "other settings" column only when settings outside the labels
+    (lr, epochs...) differ between groups."""
+    diffs = differing_fields(groups)
+    other = any(diffs.values())
+    header = ["group", "configuration", *(["other settings"] if other else []), "runs", "R*(0)",
+              "eps* (scratch)", f"bootstrap {BOOT_LEVEL:.0%}", "fine-tune PGD", "fine-tune FGM",
+              "FGM unstable from"]
+    rows = [[g.slug, g.label, *([diffs[g.slug] or "—"] if other else []), len(g.group.runs),
+             fmt(g.threshold), describe_estimate(g.scratch), _interval(g.interval),
+             _finetune_summary(g, "pgd"), _finetune_summary(g, "fgm"), _unstable_text(g)]
+            for g in groups]
+    return _table(header, rows)
 
 
 def _interval(interval: tuple[float, float] | None) -> str:
@@ -883,8 +944,8 @@ def _findings(g: GroupReport) -> tuple[str, ...]:
         lines.append(f"eps* from scratch runs: {describe_estimate(g.scratch)}"
                      + (f", bootstrap {BOOT_LEVEL:.0%} interval {_interval(g.interval)}/255"
                         if g.interval else ""))
-    lines += [f"eps* from {f.attack.upper()} fine-tuning ({_points_label(f)}): "
-              f"{describe_estimate(f.estimate)}" for f in g.finetune]
+    lines += [f"eps* from {f.attack.upper()} fine-tuning: "
+              f"{describe_estimate(f.estimate, _points_label(f))}" for f in g.finetune]
     if g.unstable_eps is not None:
         lines.append(f"FGM catastrophic overfitting (PGD test acc collapsed, train acc high) "
                      f"from eps = {fmt255(g.unstable_eps)}/255: the unstable eps")
@@ -929,11 +990,22 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
 
 
+# a cell that holds a number ("0.44 ± 0.01"), an estimate ("3.33/255 [2, 8]", "> 8/255"), an
+# interval ("[2.27, 2.43]") or nothing ("—"); not a hex run id that happens to start with a digit
+_NUMERIC = re.compile(r"([<>] )?\[?[-+]?(\d+(\.\d*)?(e[-+]?\d+)?|—|∞)(/255)?([ ,±\[(].*)?")
+
+
+def _html_cell(text: str) -> str:
+    numeric = ' class="num"' if _NUMERIC.fullmatch(text) else ""
+    return f"<td{numeric}>{_inline(text)}</td>"
+
+
 def _html_table(block: Block) -> str:
     header, *rows = block.items
     head = "".join(f"<th>{_inline(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(_html_cell(c) for c in r) + "</tr>" for r in rows)
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            "</table></div>")
 
 
 def _html_img(block: Block, root: Path) -> str:
@@ -956,8 +1028,10 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
        max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.4; }
 h1 { font-size: 1.5em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f2f2f2; } td.num { text-align: right; }
+td:first-child { white-space: nowrap; }
+.scroll { overflow-x: auto; }
 tbody tr:nth-child(even) { background: #fafafa; }
 code { background: #f2f2f2; padding: 0 0.2em; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
@@ -1079,9 +1153,9 @@ def make_report(cfg: ReportConfig) -> ReportResult:
     out = _prepare_out(cfg.out)
     client = open_client(cfg.tracking_uri)
     sel = read_runs(client, cfg)
-    groups = [analyze_group(g, i + 1, n_boot=cfg.n_boot)
-              for i, g in enumerate(group_runs(sel.records))]
-    curves = fetch_histories(client, curve_runs(groups, cfg.max_curves))
+    groups = compare_with_unstable([analyze_group(g, i + 1, n_boot=cfg.n_boot)
+                                    for i, g in enumerate(group_runs(sel.records))])
+    curves = fetch_histories(client, curve_candidates(groups), cfg.max_curves)
     draw_figures(out, groups, curves)
     blocks = summary_blocks(sel, groups, curves, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     (out / "report.md").write_text(render_markdown(blocks))

@@ -192,7 +192,8 @@ def run_training(
         if resume_from_run and resume_from_run != tracker.run_id:
             _adopt_checkpoint(resume_from_run, root, directory, tracker)
         with _run_lock(directory):
-            result, resumed = _train_tracked(cfg, data, tracker, directory, init_weights)
+            result, resumed = _train_tracked(cfg, data, tracker, directory, init_weights,
+                                             progress)
             _record(cfg, data, result, tracker, log_model=log_model)
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -221,7 +222,8 @@ def _adopt_checkpoint(source_run: str, root: Path, directory: Path,
         tracker.log_metrics(metrics, step=int(row["epoch"]), background=True)
 
 
-def _train_tracked(cfg, data, tracker, directory, init_weights) -> tuple[FitResult, int]:
+def _train_tracked(cfg, data, tracker, directory, init_weights,
+                   progress) -> tuple[FitResult, int]:
     resumed = 0
     if (directory / "last.pt").exists():
         resumed = int(load_checkpoint(directory / "last.pt")["epoch"])
@@ -236,7 +238,8 @@ def _train_tracked(cfg, data, tracker, directory, init_weights) -> tuple[FitResu
             last_upload = time.monotonic()
 
     result = fit(cfg, data, checkpoint_dir=directory, init_weights=init_weights,
-                 on_epoch=on_epoch, extra_state={"run_id": tracker.run_id})
+                 on_epoch=on_epoch, extra_state={"run_id": tracker.run_id},
+                 progress=progress)
     return result, resumed
 
 

@@ -68,7 +68,7 @@ class SearchResult:
 # --------------------------------------------------------------------------- names / storage
 def default_study_name(cfg: TrainConfig) -> str:
     """One study per configuration (everything but ε)."""
-    return f"epsstar-{cfg.dataset}-{cfg.arch}-{cfg.norm}-{cfg.replace(eps=0.0).config_hash()}"
+    return f"epsstar-{cfg.dataset}-{cfg.arch}-{cfg.norm}-{cfg.family_hash()}"
 
 
 def default_storage() -> str:
@@ -260,7 +260,7 @@ def create_or_load_study(
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     identity = {"norm": cfg.norm, "dataset": cfg.dataset, "arch": cfg.arch,
-                "config_hash": cfg.replace(eps=0.0).config_hash()}
+                "config_hash": cfg.family_hash()}
     ensure_compatible(study, threshold, **identity)
     sampler.check_study(study)  # records threshold, range, rtol... as study user attrs
     for key, value in identity.items():

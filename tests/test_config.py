@@ -54,3 +54,14 @@ def test_roles():
     assert TrainConfig().role == "clean"
     assert TrainConfig(eps=0.01).role == "scratch"
     assert TrainConfig(eps=0.01, init="runs:/abc").role == "finetune"
+
+
+def test_clean_runs_share_one_identity_across_attacks():
+    clean = TrainConfig()
+    assert clean.config_hash() == clean.replace(norm="l2", attack="fgm", steps=3).config_hash()
+    assert clean.config_hash() != clean.replace(width=32).config_hash()
+    adv = TrainConfig(eps=1 / 255)
+    assert adv.config_hash() != adv.replace(norm="l2").config_hash()
+    # a search family is everything but eps, attack fields included
+    assert adv.family_hash() == adv.replace(eps=2 / 255).family_hash()
+    assert adv.family_hash() != adv.replace(norm="l2").family_hash()

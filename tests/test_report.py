@@ -139,7 +139,7 @@ def test_finetune_estimates_reproduce_the_paper(store, tmp_path):
         extrapolate_epsstar(list(pgd), list(pgd.values()), 0.0403, 0.441).epsstar)
     assert g.scratch is None and any("no adversarial from-scratch" in n for n in g.notes)
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "eps* from PGD fine-tuning (3-point): 2.5/255" in md
+    assert "eps* from PGD fine-tuning: 2.5/255 (3-point, 90% CI" in md
 
 
 def test_logged_parent_estimates_are_shown_with_their_group(store, tmp_path):
@@ -181,21 +181,24 @@ def test_norms_and_datasets_are_never_mixed(store, tmp_path):
 def test_fgm_catastrophic_overfitting_is_flagged(store, tmp_path):
     client, exp = store
     log_paper_scratch(client, exp)  # the PGD group and its clean run (shared with FGM)
+    log_run(client, exp, best(0.05, 0.99, 0.3, 0.9), norm="l2")  # never shared across norms
     # eps → (last-epoch FGM train acc, last-epoch PGD test acc)
     last = {4: (0.6, 0.40), 8: (0.55, 0.30), 12: (0.92, 0.01), 16: (0.95, 0.0), 32: (0.1, 0.0)}
     ids = {eps: log_run(client, exp, best(0.3 + eps / 40, 0.6, 1.5, 0.3), eps_255=eps,
                         attack="fgm", history={"train_adv_acc": [0.5, tr],
                                                "test_adv_acc": [0.3, te]})
            for eps, (tr, te) in last.items()}
-    groups = report(tmp_path, log=False).groups
+    groups = [g for g in report(tmp_path, log=False).groups if g.group.config["norm"] == "linf"]
     by = {g.group.config["attack"]: g for g in groups}
     assert by["fgm"].unstable == {ids[12], ids[16]}  # eps 32: training accuracy collapsed too
     assert by["fgm"].unstable_eps * 255 == pytest.approx(12)
     assert by["pgd"].unstable_eps is None
     assert [r.run_id for r in by["fgm"].group.clean] == [r.run_id for r in by["pgd"].group.clean]
+    assert by["fgm"].threshold == pytest.approx(0.441)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "FGM catastrophic overfitting (PGD test acc collapsed, train acc high) from eps = " \
            "12/255" in md
+    assert "is below the unstable eps 12/255" in md  # eps* of the PGD group: 3.33/255
     rows = {round(r.eps * 255): r.unstable for r in by["fgm"].rows}
     assert rows == {0: 0, 4: 0, 8: 0, 12: 1, 16: 1, 32: 0}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import doctest
 import math
 import statistics
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -307,13 +308,38 @@ def test_eps_is_visible_to_other_workers_as_soon_as_a_trial_starts() -> None:
 
 
 def test_simultaneous_plans_are_resolved_at_suggest_time() -> None:
-    # two processes that planned at the same instant got the same ε: the later trial plans again
+    # two workers that planned at the same instant got the same ε: the later trial plans again
     study = make_study(BisectionSampler(R0, LOW, HIGH))
     first, second = study.ask(), study.ask()
-    eps_first = first.study.get_trials(deepcopy=False)[0].system_attrs[EPS_ATTR]
+    eps_first = study.get_trials(deepcopy=False)[0].system_attrs[EPS_ATTR]
     study._storage.set_trial_system_attr(second._trial_id, EPS_ATTR, eps_first)
     assert _suggest(first) == eps_first
     assert abs(_suggest(second) - eps_first) > 0.005 * eps_first
+
+
+def test_a_trial_already_running_keeps_its_eps_against_an_earlier_one() -> None:
+    # the earlier trial stored its ε only after the later one had started running with it
+    study = make_study(BisectionSampler(R0, LOW, HIGH))
+    first, second = study.ask(), study.ask()
+    eps_second = _suggest(second)
+    study._storage.set_trial_system_attr(first._trial_id, EPS_ATTR, eps_second)
+    assert abs(_suggest(first) - eps_second) > 0.005 * eps_second
+    assert study.trials[1].params["eps"] == eps_second
+
+
+def test_threads_sharing_a_study_get_distinct_eps() -> None:
+    f = oracle("convex", 3.3)
+    study = make_study(BisectionSampler(R0, LOW, HIGH, clean_train_loss=CLEAN))
+
+    def objective(trial: optuna.Trial) -> float:
+        eps = _suggest(trial)
+        time.sleep(0.01)  # let the other thread start its trial meanwhile
+        return f(eps)
+
+    study.optimize(objective, n_trials=20, n_jobs=2)
+    eps = sorted(t.params["eps"] for t in study.trials)
+    assert all(b - a > 0.005 * b for a, b in zip(eps, eps[1:], strict=False))
+    assert estimate_from_study(study).epsstar == pytest.approx(3.3 / 255, rel=0.02)
 
 
 def test_enqueued_eps_is_run_and_planned_around() -> None:

@@ -49,6 +49,9 @@ def command(eps_list, attack, epochs_fraction, finetune_epochs, one_point_eps, c
 
     Every fine-tune is a child MLflow run of one parent run (epsstar.role=finetune-search) that
     holds epsstar_ft (all eps) and epsstar_ft_1pt (one eps). Identical finished runs are reused.
+    The training options name the clean run (--epochs, --schedule, --lr...: the clean run's);
+    the attack options (--attack, --norm, --steps, --step-size, --loss, --beta) apply to the
+    fine-tunes.
     """
     from epsstar import tracking
     from epsstar.finetune import FinetuneConfig, finetune_epsstar, summary_line
