@@ -360,6 +360,7 @@ def run_params(run_id: str) -> dict[str, str]:
 
 def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path | None:
     """Download one artifact of a run; None when the run has no such artifact."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet in logs
     try:
         return Path(mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
