@@ -8,9 +8,12 @@
 (c) our PGD vs torchattacks' PGD on the same model and batch (eval mode, as torchattacks runs
     attacks), in images per second.
 
-Every ratio is measured side by side in one run: the two timings alternate repetition by
-repetition, so drifts in machine load hit both sides alike, and the fastest repetition of each
-is kept (other processes can only add time to a repetition, never remove it).
+Every ratio is measured side by side in one run: the two timed blocks alternate repetition by
+repetition and last about as long as each other, so drifts in machine load hit both alike, and
+the fastest repetition of each is kept (other processes only ever add time). On CPU the clock is
+this process's CPU time, not wall time: on a shared machine, time spent waiting for a core held by
+another process is not our cost (run with --threads 1 so CPU time is the time of one thread's
+work). On CUDA it is wall time between synchronisations.
 
 Usage:
     python benchmarks/bench_attacks.py                                  # CPU suite
@@ -48,19 +51,28 @@ def _sync(device: torch.device) -> None:
 
 
 def side_by_side(
-    fns: dict[str, Callable[[], None]], reps: int, device: torch.device
+    fns: dict[str, Callable[[], None]], reps: int, device: torch.device, min_seconds: float = 3.0
 ) -> dict[str, float]:
-    """Best-of-``reps`` seconds per call of each function, calls interleaved, after a warm-up."""
+    """Best-of-n seconds per call of each function, calls interleaved, after a warm-up.
+
+    n is at least ``reps``, and cheap functions repeat until ``min_seconds`` have passed (at
+    most 500 times): a best-of-n over milliseconds-long calls needs many tries to catch a
+    quiet moment of a shared machine.
+    """
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
+    start = time.perf_counter()
+    n = 0
+    while n < reps or (time.perf_counter() - start < min_seconds and n < 500):
+        n += 1
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: min(ts) for name, ts in times.items()}
 
 
@@ -134,10 +146,13 @@ def epoch_ratio(arch: str, width: int, reps: int, device: torch.device) -> dict[
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loader = make_loader(bundle.train, 128, shuffle=True, seed=0)
 
-    def epoch(cfg: TrainConfig) -> Callable[[], None]:
+    ideal = (2 * STEPS + 3) / 3
+    clean_epochs = round(ideal)  # the clean block lasts about as long as one adversarial epoch
+
+    def epochs(cfg: TrainConfig, n: int) -> Callable[[], None]:
         def run() -> None:
             model.train()
-            for x, y in loader:
+            for x, y in (batch for _ in range(n) for batch in loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 objective, _ = training_loss(model, x, y, cfg)
                 opt.zero_grad(set_to_none=True)
@@ -147,8 +162,9 @@ def epoch_ratio(arch: str, width: int, reps: int, device: torch.device) -> dict[
         return run
 
     clean, adv = TrainConfig(eps=0.0), TrainConfig(eps=EPS, steps=STEPS)
-    t = side_by_side({"clean": epoch(clean), "adv": epoch(adv)}, reps, device)
-    ideal = (2 * STEPS + 3) / 3
+    blocks = {"clean": epochs(clean, clean_epochs), "adv": epochs(adv, 1)}
+    t = side_by_side(blocks, reps, device)
+    t["clean"] /= clean_epochs
     ratio = t["adv"] / t["clean"]
     return {
         "clean_epoch_ms": 1e3 * t["clean"],
@@ -218,8 +234,7 @@ def single(args: argparse.Namespace, device: torch.device) -> None:
     c, s = (3, 32) if args.cifar_shaped else (1, 8)
     model = make_model(args.arch, args.width, c, s, device)
     x, y = random_batch(args.batch_size, c, s, device)
-    label = f"{args.arch} {c}x{s}x{s}, batch {args.batch_size}"
-    label += f", PGD-{args.steps}"
+    label = f"{args.arch} {c}x{s}x{s}, batch {args.batch_size}, PGD-{args.steps}"
     print(f"(a) {label}: {_fmt(step_ratio(model, x, y, args.reps, device, args.steps))}")
     row = throughput(model, x, y, args.reps, device, args.steps)
     print(f"(c) {label}: {_fmt(row) if row else 'torchattacks not installed'}")
@@ -247,7 +262,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = torch.get_num_threads()
     print(f"device: {device} ({name}); torch {torch.__version__}; {threads} CPU threads")
-    print(f"best of {args.reps} timed repetitions per number; eps = 8/255 (L-inf)")
+    print(f"best of >= {args.reps} timed repetitions per number; eps = 8/255 (L-inf)")
     if args.arch:
         single(args, device)
     else:

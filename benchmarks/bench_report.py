@@ -6,7 +6,7 @@ Builds a synthetic sqlite tracking store with the tracking contract's params, ta
 scratch), each with its final ``best_*`` metrics and its last epoch's per-epoch metrics;
 ``--histories`` of them (every k-th run, each group's clean run among them) carry 30-epoch
 histories. Then times the report stage by stage, in-process, and the whole ``epsstar report``
-command in a fresh process (imports included).
+command in a fresh process (imports included), with and without learning curves and logging.
 
 Usage:
     python benchmarks/bench_report.py --store /tmp/bench-report
@@ -83,32 +83,45 @@ def build_store(uri: str, n_histories: int) -> int:
 
 
 def time_stages(uri: str, out: Path) -> dict[str, float]:
-    """Seconds per report stage, in-process (imports excluded)."""
+    """Seconds per report stage, in-process (imports excluded), then the whole report again."""
     cfg = report.ReportConfig(tracking_uri=uri, out=out, log=True)
-    times = {}
-    t = time.perf_counter()
     client = report.open_client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    times = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        times[name] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    client.search_runs(experiments, max_results=1000)  # MLflow's own cost, for comparison
+    lap("MLflow search_runs alone (1 page)")
     sel = report.read_runs(client, cfg)
-    times["read (paginated search_runs)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    groups = [report.analyze_group(g, i + 1, n_boot=cfg.n_boot)
-              for i, g in enumerate(report.group_runs(sel.records))]
-    times["group + estimates + bootstrap"] = time.perf_counter() - t
-    t = time.perf_counter()
+    lap("read (paginated search_runs)")
+    groups = report.compare_with_unstable([report.analyze_group(g, i + 1, n_boot=cfg.n_boot)
+                                           for i, g in enumerate(report.group_runs(sel.records))])
+    lap("group + estimates + bootstrap")
     curves = report.fetch_histories(client, report.curve_candidates(groups), cfg.max_curves)
-    times[f"histories ({len(curves)} runs)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = report.make_report(cfg)  # the whole thing again, end to end
-    times["make_report end to end"] = time.perf_counter() - t
-    assert result.n_runs == len(sel.records) and len(result.groups) == GROUPS
+    lap(f"histories ({len(curves)} runs x {len(report.HISTORY_METRICS)} metrics)")
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = report.draw_figures(out, groups, curves)
+    lap(f"figures ({len(pngs)} PNGs)")
+    blocks = report.summary_blocks(sel, groups, curves, "now")
+    (out / "report.html").write_text(report.render_html(blocks, out), encoding="utf-8")
+    report.write_runs_csv(out / "runs.csv", sel, groups)
+    lap("report.md/.html + runs.csv")
+    result = report.make_report(cfg)  # the whole thing again, end to end, logged
+    lap("make_report end to end (logged)")
+    assert result.n_runs == GROUPS * 100 and len(result.groups) == GROUPS
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, required=True, help="directory for the store")
-    parser.add_argument("--histories", type=int, default=50,
-                        help="runs with 30-epoch histories")
+    parser.add_argument("--histories", type=int, default=GROUPS * 100,
+                        help="runs with 30-epoch histories (default: all, as training logs them)")
     args = parser.parse_args()
     args.store.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{args.store.resolve()}/mlflow.db"
@@ -117,12 +130,14 @@ def main() -> None:
         n = build_store(uri, args.histories)
         print(f"built {n} runs in {time.perf_counter() - t:.1f} s")
     for name, seconds in time_stages(uri, args.store / "out").items():
-        print(f"{name:34s} {seconds:7.2f} s")
+        print(f"{name:40s} {seconds:7.2f} s")
     command = [sys.executable, "-c", "from epsstar.cli.report import command; command()",
                "--tracking-uri", uri, "--out", str(args.store / "out-cli")]
-    t = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    print(f"{'epsstar report (fresh process)':34s} {time.perf_counter() - t:7.2f} s")
+    for extra, name in (((), "logged, 20 curves"), (("--no-log", "--max-curves", "0"),
+                                                     "--no-log --max-curves 0")):
+        t = time.perf_counter()
+        subprocess.run([*command, *extra], check=True, capture_output=True)
+        print(f"{'epsstar report ' + name:40s} {time.perf_counter() - t:7.2f} s")
 
 
 if __name__ == "__main__":

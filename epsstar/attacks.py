@@ -79,13 +79,20 @@ def _l2_direction(grad: Tensor) -> Tensor:
     return grad / _per_example_norm(grad).clamp_min(_TINY)
 
 
-def _linf_project(delta: Tensor, eps: float) -> Tensor:
-    return delta.clamp(-eps, eps)
+def _linf_constraint(x: Tensor, eps: float) -> Callable[[Tensor], Tensor]:
+    # The ε-cube intersected with the box is itself a box, [max(−ε, −x), min(ε, 1 − x)] per
+    # coordinate: one clamp is the exact projection onto it (one kernel per step, not three).
+    low, high = (-x).clamp_(min=-eps), (1.0 - x).clamp_(max=eps)
+    return lambda delta: torch.clamp(delta, low, high)
 
 
-def _l2_project(delta: Tensor, eps: float) -> Tensor:
-    scale = (eps / _per_example_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
-    return delta * scale
+def _l2_constraint(x: Tensor, eps: float) -> Callable[[Tensor], Tensor]:
+    def constrain(delta: Tensor) -> Tensor:
+        delta = delta * (eps / _per_example_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
+        # Clipping x + δ to [0, 1] only moves coordinates of δ towards 0, so δ stays in the ball.
+        return (x + delta).clamp_(0.0, 1.0) - x
+
+    return constrain
 
 
 @dataclass(frozen=True)
@@ -94,12 +101,14 @@ class _Geometry:
 
     random: Callable[[Tensor, float], Tensor]  # a random point of the ε-ball, shaped like x
     direction: Callable[[Tensor], Tensor]  # steepest-ascent direction of unit norm
-    project: Callable[[Tensor, float], Tensor]  # Euclidean projection onto the ε-ball
+    # (x, ε) → δ ↦ a point of {‖δ‖ ≤ ε, 0 ≤ x + δ ≤ 1}: the projection onto the ball, then
+    # onto the box (exact for L∞; for L2 the standard rescale-then-clip)
+    constraint: Callable[[Tensor, float], Callable[[Tensor], Tensor]]
 
 
 NORM_GEOMETRY: dict[str, _Geometry] = {
-    "linf": _Geometry(_linf_random, _linf_direction, _linf_project),
-    "l2": _Geometry(_l2_random, _l2_direction, _l2_project),
+    "linf": _Geometry(_linf_random, _linf_direction, _linf_constraint),
+    "l2": _Geometry(_l2_random, _l2_direction, _l2_constraint),
 }
 
 
@@ -112,12 +121,6 @@ def _geometry(norm: str) -> _Geometry:
 def random_delta(x: Tensor, eps: float, norm: str) -> Tensor:
     """A perturbation drawn uniformly from the ε-ball of ``norm``, shape of ``x`` (B, C, H, W)."""
     return _geometry(norm).random(x, eps)
-
-
-def _into_box(x: Tensor, delta: Tensor) -> Tensor:
-    # Clipping x + δ to [0, 1] only moves coordinates of δ towards 0, so a δ inside the ε-ball
-    # (either norm) stays inside it.
-    return (x + delta).clamp_(0.0, 1.0) - x
 
 
 # ------------------------------------------------------------------------------------- attacks
@@ -170,7 +173,8 @@ def pgd(
     x = x.detach()
     if delta0 is None:
         delta0 = geometry.random(x, eps) if random_start else torch.zeros_like(x)
-    delta = _into_box(x, geometry.project(delta0.detach(), eps))
+    constrain = geometry.constraint(x, eps)
+    delta = constrain(delta0.detach())
     for _ in range(steps):
         delta.requires_grad_(True)
         # enable_grad: evaluation code may call the attack inside torch.no_grad().
@@ -179,9 +183,8 @@ def pgd(
         # inputs=delta only: autograd skips every weight-gradient kernel, which is what makes a
         # PGD step cheaper than a training step, and leaves parameter .grad untouched.
         (grad,) = torch.autograd.grad(loss, delta)
-        delta = delta.detach() + step_size * geometry.direction(grad)
-        delta = _into_box(x, geometry.project(delta, eps))
-    # Clamp once more: x + ((x + δ).clamp(0, 1) − x) can round to just outside [0, 1].
+        delta = constrain(torch.add(delta.detach(), geometry.direction(grad), alpha=step_size))
+    # Clamp once more: x + δ with δ ≤ 1 − x can round to just outside [0, 1].
     return (x + delta).clamp_(0.0, 1.0)
 
 

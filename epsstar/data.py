@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, SVHN
 from torchvision.datasets.utils import download_url
 
@@ -336,7 +336,8 @@ def _read_split(
     missing = [f for f in spec.files if not (root / f).is_file()]
     if missing and not download:
         raise DataError(
-            f"{spec.title} not found in {root}/ (no {missing[0]}): {spec.hint} or pass --download"
+            f"{spec.title} not found in {root}/ (no {missing[0]}): {spec.hint} "
+            "or pass --download true"
         )
     try:
         images, labels = spec.read(root, train, download)
@@ -483,10 +484,14 @@ def make_loader(
     """Minibatches of ``dataset`` for one pass per epoch; see :class:`Batches`.
 
     ``len(loader)`` is the number of batches (the last one may be smaller). ``workers`` applies
-    only to datasets served through a torch DataLoader.
+    only to datasets served through a torch DataLoader (not an :class:`ImageTensorDataset` or a
+    ``Subset`` of one).
 
     Example:
         >>> loader = make_loader(bundle.train, 128, shuffle=True, seed=cfg.seed)
         >>> for x, y in loader: ...  # x (B, C, H, W) in [0, 1], y (B,) int64
     """
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, ImageTensorDataset):
+        # A Subset of in-memory images is sliced once, so it keeps the fast batched path.
+        dataset = dataset.dataset.subset(torch.as_tensor(dataset.indices, dtype=torch.int64))
     return Batches(dataset, batch_size, shuffle=shuffle, seed=seed, workers=workers)

@@ -46,7 +46,7 @@ STOP_GRACE_S = 60.0
 _POLL_S = 5.0
 
 # Per-machine settings a worker may override: not part of what a run computes (config_hash).
-MACHINE_FIELDS = ("device", "data_dir", "workers")
+MACHINE_FIELDS = ("device", "data_dir", "loader_workers")
 
 
 # --------------------------------------------------------------------------- one worker
@@ -67,7 +67,8 @@ def join_search(
             several machines; SQLite is refused, see :func:`epsstar.search.check_storage`).
         checkpoint_root: this machine's checkpoint directory (one sub-directory per run).
         overrides: per-machine TrainConfig fields (:data:`MACHINE_FIELDS`: device, data_dir,
-            workers); the rest comes from the study, so every worker trains the same thing.
+            loader_workers); the rest comes from the study, so every worker trains the same
+            thing.
         wait_s: wait up to this long for the study to appear (workers started together with
             the ``epsstar find`` that creates it, which trains the clean run first).
 

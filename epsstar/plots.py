@@ -81,43 +81,72 @@ def learning_curves_figure(curves: Mapping[str, Series], *, gap: Series = (),
     """One run's per-epoch curves in three panels: losses, accuracies, generalization-gap ratio.
 
     Args:
-        curves: metric name → (epoch, value); names ending in ``_loss`` go to the first panel,
-            ``_acc`` to the second (``train*`` solid in C0, ``test*`` dashed in C1, so one
-            legend serves both), anything else is not drawn.
+        curves: metric name → (epoch, value); ``train*``/``test*`` names ending in ``_loss`` go
+            to the first panel, in ``_acc`` to the second (train solid, test dashed, in the same
+            colours in both, so one legend serves both); anything else is not drawn.
         gap: (epoch, (test_adv_loss − train_adv_loss) / train_adv_loss), the third panel.
         best_epoch: the early-stopping epoch, marked in every panel.
         lr_drop_epoch: the first epoch after the learning-rate drop, marked in every panel.
     """
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-    panels = {"_loss": axes[0], "_acc": axes[1]}
-    for name, series in curves.items():
-        ax = next((a for suffix, a in panels.items() if name.endswith(suffix)), None)
-        if ax is None or not series:
-            continue
-        test = name.startswith("test")
-        xs, ys = zip(*series, strict=True)
-        ax.plot(xs, ys, ls="--" if test else "-", color="C1" if test else "C0",
-                label="test (PGD)" if test else "train (attacked)")
-    if gap:
-        xs, ys = zip(*gap, strict=True)
-        axes[2].plot(xs, ys, color="C3")
-    for ax, name in zip(axes, ("loss", "accuracy", "gap ratio (test - train) / train"),
-                        strict=True):
-        _mark_epochs(ax, best_epoch, lr_drop_epoch)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
-    # one legend: the panels share colours and line styles; losses fall, so upper right is free
-    axes[0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=10)
-    # fixed margins, not tight_layout: the layout pass costs as much as drawing (report: dozens)
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.16, top=0.82, wspace=0.22)
-    return fig
+    return LearningCurves().draw(curves, gap=gap, best_epoch=best_epoch,
+                                 lr_drop_epoch=lr_drop_epoch, title=title)
 
 
-def _mark_epochs(ax, best_epoch: float | None, lr_drop_epoch: float | None) -> None:
-    if best_epoch is not None and math.isfinite(best_epoch):
-        ax.axvline(best_epoch, color="C2", ls=":", lw=1, label="best epoch")
-    if lr_drop_epoch is not None:
-        ax.axvline(lr_drop_epoch, color="0.5", ls="-.", lw=1, label="lr drop")
+class LearningCurves:
+    """The figure of :func:`learning_curves_figure`, built once and redrawn for each run: a
+    report draws dozens, and building axes, ticks and legend costs more than drawing lines."""
+
+    PANELS = ("loss", "accuracy", "gap ratio (test - train) / train")
+    SPLITS = {"train": ("-", "C0", "train (attacked)"), "test": ("--", "C1", "test (PGD)")}
+
+    def __init__(self) -> None:
+        self.fig, self.axes = plt.subplots(1, 3, figsize=(11, 3))
+        self.lines = {}  # (split, metric suffix) → line; ("gap", "") → the gap-ratio line
+        for ax, suffix in zip(self.axes[:2], ("_loss", "_acc"), strict=True):
+            for split, (style, color, label) in self.SPLITS.items():
+                self.lines[split, suffix] = ax.plot([], [], ls=style, color=color,
+                                                    label=label)[0]
+        self.lines["gap", ""] = self.axes[2].plot([], [], color="C3")[0]
+        self.marks = [(ax.axvline(0, color="C2", ls=":", lw=1, label="best epoch"),
+                       ax.axvline(0, color="0.5", ls="-.", lw=1, label="lr drop"))
+                      for ax in self.axes]
+        for ax, name in zip(self.axes, self.PANELS, strict=True):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.set_title(name, fontsize=9)
+            ax.tick_params(labelsize=7)
+        # losses fall, so the upper right corner is free
+        self.axes[0].legend(fontsize=7, loc="upper right")
+        self.title = self.fig.suptitle("", fontsize=10)
+        # fixed margins, not tight_layout: the layout pass costs as much as drawing
+        self.fig.subplots_adjust(left=0.05, right=0.99, bottom=0.16, top=0.82, wspace=0.22)
+
+    def draw(self, curves: Mapping[str, Series], *, gap: Series = (),
+             best_epoch: float | None = None, lr_drop_epoch: float | None = None,
+             title: str = "") -> Figure:
+        """Show one run (arguments as in :func:`learning_curves_figure`); returns the figure."""
+        data: dict[tuple[str, str], Series] = {("gap", ""): gap}
+        for name, series in curves.items():
+            split = next((s for s in self.SPLITS if name.startswith(s)), None)
+            suffix = next((s for s in ("_loss", "_acc") if name.endswith(s)), None)
+            if split and suffix:
+                data[split, suffix] = series
+        for key, line in self.lines.items():
+            points = data.get(key, ())
+            line.set_data([x for x, _ in points], [y for _, y in points])
+        for best, drop in self.marks:
+            _move_mark(best, best_epoch)
+            _move_mark(drop, lr_drop_epoch)
+        for ax in self.axes:
+            ax.relim(visible_only=True)
+            ax.autoscale_view()
+        self.title.set_text(title)
+        return self.fig
+
+
+def _move_mark(line, epoch: float | None) -> None:
+    """Move a vertical marker to ``epoch``, or hide it (None / NaN)."""
+    visible = epoch is not None and math.isfinite(epoch)
+    line.set_visible(visible)
+    if visible:
+        line.set_xdata([epoch, epoch])

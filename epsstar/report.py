@@ -57,12 +57,8 @@ PAGE_SIZE = 1000  # runs per search request (MLflow's maximum for one page)
 SKIPPED_ROLES = ("report", "simulate")  # epsstar runs that are not about training
 # Fields that vary *inside* a group: the x-axis and the repetitions of one experiment.
 PER_RUN_FIELDS = ("eps", "seed", "init")
-# Fields that do not change what clean training (ε = 0) computes (every objective reduces to
-# cross-entropy at ε = 0): a group without a clean run of exactly its configuration takes one
-# that differs only in these, e.g. the PGD and the FGM groups of a CO experiment share one.
-# The norm is left out on purpose: runs of different norms are never mixed, not even at ε = 0.
-CLEAN_FREE_FIELDS = ("attack", "steps", "step_size", "loss", "beta")
-LABEL_FIELDS = ("dataset", "arch", "width", "n_train", "norm", *CLEAN_FREE_FIELDS)
+LABEL_FIELDS = ("dataset", "arch", "width", "n_train", "norm", "attack", "steps", "step_size",
+                "loss", "beta")  # shown in a group's label; other differences get a column
 HISTORY_METRICS = ("train_adv_loss", "test_adv_loss", "train_adv_acc", "test_adv_acc", "lr")
 # Catastrophic overfitting (SPEC §6): after FGM training the PGD test accuracy is ~0 (below
 # COLLAPSED_ACC, or below COLLAPSED_FRACTION of the FGM training accuracy) while the training
@@ -274,10 +270,14 @@ def _get_run(client: mlflow.MlflowClient, run_id: str, *, must_exist: bool) -> A
 
 
 def _missing_clean_runs(client: mlflow.MlflowClient, records: list[RunRecord]) -> list[Any]:
-    """The FINISHED clean runs that selected fine-tune runs start from but the filter left out
-    (another study or experiment): without them there is no R*(0) to extrapolate to."""
+    """The FINISHED clean runs that the selected runs need but the filter left out: the clean
+    run a fine-tune starts from, the one a search parent names (``clean_run_id``: an identical
+    clean run is reused across searches, so it carries the study tag of the first search only).
+    Without them there is no R*(0)."""
     have = {r.run_id for r in records}
-    wanted = {_runs_uri_id(r.cfg.init) for r in records if r.kind == "finetune"} - have - {None}
+    wanted = {_runs_uri_id(r.cfg.init) for r in records if r.kind == "finetune"}
+    wanted |= {r.params.get("clean_run_id") for r in records if r.cfg is None}
+    wanted -= have | {None, ""}
     found = (_get_run(client, run_id, must_exist=False) for run_id in sorted(wanted))
     return [r for r in found if r is not None and r.info.status == "FINISHED"]
 
@@ -339,6 +339,7 @@ class Group:
     seeds), fine-tunes of the clean run, and parent runs that logged their own estimates."""
 
     key: Key
+    clean_key: Key  # the key of the clean runs that serve the group (see group_runs)
     clean: list[RunRecord] = field(default_factory=list)
     scratch: list[RunRecord] = field(default_factory=list)
     finetune: list[RunRecord] = field(default_factory=list)
@@ -350,11 +351,6 @@ class Group:
         """The configuration every run of the group shares (the clean run's, in a clean-only
         group)."""
         return dict(self.key)
-
-    @property
-    def relaxed(self) -> Key:
-        """The key without the fields clean training does not depend on."""
-        return tuple((k, v) for k, v in self.key if k not in CLEAN_FREE_FIELDS)
 
     @property
     def runs(self) -> list[RunRecord]:
@@ -371,70 +367,73 @@ class Group:
                 str(c.get("loss")), repr(self.key))
 
 
-def _key(cfg: TrainConfig, drop: tuple[str, ...]) -> Key:
-    return tuple(sorted((k, v) for k, v in cfg.identity().items() if k not in drop))
+def _key(cfg: TrainConfig) -> Key:
+    """What the runs of one group share: the run's identity but ε, seed and init."""
+    return tuple(sorted((k, v) for k, v in cfg.identity().items() if k not in PER_RUN_FIELDS))
+
+
+def _clean_key(cfg: TrainConfig) -> Key:
+    """The key of the clean runs that serve ``cfg``: its clean counterpart's, whose identity
+    drops every attack and objective field (TrainConfig.identity), so one clean run is the
+    ε = 0 point and R*(0) of every norm/attack/objective of its configuration. It is one
+    shared run, never an average over runs of different norms."""
+    return _key(cfg.replace(eps=0.0, init="scratch"))
 
 
 def group_runs(records: Iterable[RunRecord]) -> list[Group]:
-    """Group training runs by configuration (see the module docstring). Nothing is averaged
-    across groups, so runs that differ in norm, dataset, model... are always reported apart."""
+    """Group training runs by configuration: from-scratch runs by their key, each group with the
+    clean runs of its clean key. A fine-tune joins the from-scratch group of its clean run, norm
+    and objective, else a fine-tuning group of those. A parent run with logged estimates joins
+    the group of its first child. Nothing is averaged across groups: runs that differ in norm,
+    dataset, model... are always reported apart."""
     records = list(records)
     groups: dict[Key, Group] = {}
     for r in records:
         if r.kind == "scratch":
-            key = _key(r.cfg, PER_RUN_FIELDS)
-            groups.setdefault(key, Group(key)).scratch.append(r)
-    home = _add_clean_runs([r for r in records if r.kind == "clean"], groups)
+            groups.setdefault(_key(r.cfg), Group(_key(r.cfg), _clean_key(r.cfg))).scratch.append(r)
+    clean = {r.run_id: r for r in records if r.kind == "clean"}
     for r in records:
         if r.kind == "finetune":
-            _add_finetune(r, groups, home)
-    children: dict[str, list[RunRecord]] = {}
+            _add_finetune(r, groups, clean)
+    _add_clean_runs(list(clean.values()), groups)
+    ordered = sorted(groups.values(), key=Group.sort_key)
+    # a run held by several groups (a shared clean run) belongs to the first, in report order
+    where = {r.run_id: g for g in reversed(ordered) for r in g.runs}
     for r in records:
-        children.setdefault(r.tags.get(tracking.TAG_PARENT, ""), []).append(r)
-    for r in records:
-        if r.cfg is None:
-            _add_summary(r, home, children.get(r.run_id, []))
-    return sorted(groups.values(), key=Group.sort_key)
+        if r.cfg is None and _logged_estimates(r):
+            _add_summary(r, where, records)
+    return ordered
 
 
-def _add_clean_runs(clean: list[RunRecord], groups: dict[Key, Group]) -> dict[str, Group]:
-    """Give each from-scratch group the clean runs of exactly its configuration, else those
-    that differ only in fields clean training ignores (a shared ε = 0 point: the PGD and FGM
-    groups of one experiment). A clean run no group takes forms a clean-only group.
-
-    Returns the home group of each clean run (its fine-tunes join it): its exact group, else
-    the first group that took it.
-    """
-    exact: dict[Key, list[RunRecord]] = {}
-    for r in clean:
-        exact.setdefault(_key(r.cfg, PER_RUN_FIELDS), []).append(r)
-    for group in list(groups.values()):
-        group.clean = exact.get(group.key) or [
-            r for r in clean if _key(r.cfg, PER_RUN_FIELDS + CLEAN_FREE_FIELDS) == group.relaxed]
-    home: dict[str, Group] = {}
-    for r in clean:
-        own = _key(r.cfg, PER_RUN_FIELDS)
-        holders = [g for g in sorted(groups.values(), key=Group.sort_key)
-                   if any(c.run_id == r.run_id for c in g.clean)]
-        exact_home = [g for g in holders if g.key == own]
-        if not holders:
-            holders = [groups.setdefault(own, Group(own))]
-            holders[0].clean.append(r)
-        home[r.run_id] = (exact_home or holders)[0]
-    return home
-
-
-def _add_finetune(run: RunRecord, groups: dict[Key, Group], home: dict[str, Group]) -> None:
-    clean_id = _clean_run_of(run.cfg.init, home)
-    if clean_id is not None:
-        home[clean_id].finetune.append(run)
-        return
-    key = (*_key(run.cfg, PER_RUN_FIELDS + CLEAN_FREE_FIELDS), ("init", run.cfg.init))
-    group = groups.setdefault(key, Group(key))
-    if not group.finetune:
+def _add_finetune(run: RunRecord, groups: dict[Key, Group], clean: dict[str, RunRecord]) -> None:
+    source = _clean_run_of(run.cfg.init, clean)
+    flavour = (("norm", run.cfg.norm), ("loss", run.cfg.loss))
+    clean_key = _key(clean[source].cfg) if source is not None else _clean_key(run.cfg)
+    if source is not None:
+        for group in sorted(groups.values(), key=Group.sort_key):
+            if group.scratch and group.clean_key == clean_key and \
+                    (("norm", group.config["norm"]), ("loss", group.config["loss"])) == flavour:
+                group.finetune.append(run)
+                return
+    key = (*clean_key, *flavour, *((("init", run.cfg.init),) if source is None else ()))
+    group = groups.setdefault(key, Group(key, clean_key))
+    if source is None and not group.finetune:
         group.notes.append(f"fine-tunes of {run.cfg.init}: that clean run is not in the store "
-                           "(or not FINISHED), so there is no R*(0) to extrapolate to")
+                           "(or not FINISHED), so there is no fine-tuning estimate")
     group.finetune.append(run)
+
+
+def _add_clean_runs(clean: list[RunRecord], groups: dict[Key, Group]) -> None:
+    """Give every group the clean runs of its clean key (several: seeds); clean runs that no
+    group takes form a clean-only group."""
+    by_key: dict[Key, list[RunRecord]] = {}
+    for r in clean:
+        by_key.setdefault(_key(r.cfg), []).append(r)
+    for group in groups.values():
+        group.clean = list(by_key.get(group.clean_key, []))
+    for key, runs in by_key.items():
+        if not any(g.clean_key == key for g in groups.values()):
+            groups[key] = Group(key, key, clean=list(runs))
 
 
 def _runs_uri_id(init: str) -> str | None:
@@ -454,14 +453,13 @@ def _clean_run_of(init: str, clean_ids: Iterable[str]) -> str | None:
     return next((part for part in Path(init).parts if part in clean_ids), None)
 
 
-def _add_summary(run: RunRecord, home: dict[str, Group], children: list[RunRecord]) -> None:
-    """A parent run that logged its own ε* joins the group of its children's clean run (or of
-    the clean run it names)."""
-    clean_ids = [r.run_id for r in children if r.kind == "clean"] + \
-        [run.params.get("clean_run_id", "")] + \
-        [_clean_run_of(r.cfg.init, home) for r in children if r.kind == "finetune"]
-    group = next((home[c] for c in clean_ids if c in home), None)
-    if group is not None and _logged_estimates(run):
+def _add_summary(run: RunRecord, where: dict[str, Group], records: list[RunRecord]) -> None:
+    """A parent run that logged its own ε* joins the group of its first child (or of the clean
+    run it names)."""
+    children = [r.run_id for r in records if r.tags.get(tracking.TAG_PARENT) == run.run_id]
+    named = run.params.get("clean_run_id", "")
+    group = next((where[c] for c in [*children, named] if c in where), None)
+    if group is not None:
         group.summaries.append(run)
 
 
@@ -612,7 +610,8 @@ def compare_with_unstable(groups: Sequence[GroupReport]) -> list[GroupReport]:
     for g in groups:
         sibling = next((s for s in groups if s.group.scratch and s.scratch is not None
                         and s.scratch.bound is None and s.group.config.get("attack") == "pgd"
-                        and s.group.relaxed == g.group.relaxed
+                        and s.group.clean_key == g.group.clean_key
+                        and s.group.config.get("norm") == g.group.config.get("norm")
                         and s.group.config.get("loss") == g.group.config.get("loss")), None)
         if g.unstable_eps is None or sibling is None:
             out.append(g)
@@ -645,16 +644,16 @@ def _rows(runs: Sequence[RunRecord], unstable: frozenset[str]) -> Iterator[EpsRo
 
 
 def group_label(group: Group) -> str:
-    """A one-line name of a group: dataset, model, n, norm, attack, objective."""
+    """A one-line name of a group: dataset, model, n, then norm, attack and objective."""
     c = group.config
-    parts = [str(c["dataset"]), f"{c['arch']}-{c['width']}", f"n={c['n_train'] or 'all'}",
-             str(c["norm"])]
+    parts = [str(c["dataset"]), f"{c['arch']}-{c['width']}", f"n={c['n_train'] or 'all'}"]
+    beta = f"(beta={c['beta']:g})" if c.get("loss", "at") != "at" else ""
     if group.scratch:
         steps = f"-{c['steps']}" if c["attack"] == "pgd" else ""
-        beta = f"(beta={c['beta']:g})" if c["loss"] != "at" else ""
-        parts += [f"{c['attack']}{steps}", f"{c['loss']}{beta}"]
-    elif "init" in c:
-        parts.append("fine-tunes of a missing clean run")
+        parts += [str(c["norm"]), f"{c['attack']}{steps}", f"{c['loss']}{beta}"]
+    elif group.finetune:
+        missing = ", clean run missing" if "init" in c else ""
+        parts += [str(c["norm"]), f"{c['loss']}{beta}", f"fine-tuning only{missing}"]
     else:
         parts.append("clean only")
     return " · ".join(parts)
@@ -662,8 +661,9 @@ def group_label(group: Group) -> str:
 
 def _slug(group: Group, index: int) -> str:
     c = group.config
-    what = c["attack"] if group.scratch else "clean"
-    text = f"g{index:02d}-{c['dataset']}-{c['arch']}-{c['norm']}-{what}"
+    what = f"{c['norm']}-{c['attack']}" if group.scratch else \
+        f"{c['norm']}-finetune" if group.finetune else "clean"
+    text = f"g{index:02d}-{c['dataset']}-{c['arch']}-{what}"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
@@ -1058,7 +1058,7 @@ def write_runs_csv(path: Path, sel: Selection, groups: Sequence[GroupReport]) ->
     unstable = set().union(*(g.unstable for g in groups))
     params = sorted({k for r in sel.records for k in r.params})
     metrics = sorted({k for r in sel.records for k in r.metrics})
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow([*RUN_COLUMNS, *(f"params.{p}" for p in params),
                          *(f"metrics.{m}" for m in metrics)])
@@ -1072,7 +1072,7 @@ def write_runs_csv(path: Path, sel: Selection, groups: Sequence[GroupReport]) ->
 
 def write_groups_csv(path: Path, groups: Sequence[GroupReport]) -> None:
     """One row per group: R*(0) and the ε* estimates, in /255."""
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["group", "label", "runs", "threshold", "epsstar_255", "lower_255",
                          "upper_255", "bound", "boot_lower_255", "boot_upper_255",
@@ -1097,14 +1097,16 @@ def _finetune_value(g: GroupReport, attack: str) -> float | None:
     return best.estimate.epsstar if best and best.estimate.bound is None else None
 
 
-def draw_figures(root: Path, groups: Sequence[GroupReport], curves: Sequence[Curve]) -> None:
+def draw_figures(root: Path, groups: Sequence[GroupReport], curves: Sequence[Curve]) -> list[Path]:
+    """Write the PNGs under ``root/plots`` and return their paths."""
     import matplotlib.pyplot as plt
 
-    from epsstar.plots import learning_curves_figure, loss_vs_eps_figure
+    from epsstar.plots import LearningCurves, loss_vs_eps_figure
 
     (root / "plots").mkdir(parents=True, exist_ok=True)
-    for old in (root / "plots").glob("*.png"):  # figures of an earlier report in this directory
+    for old in (root / "plots").glob("g[0-9][0-9]-*.png"):  # an earlier report's figures
         old.unlink()
+    written = []
     for g in groups:
         if g.threshold is None:
             continue
@@ -1113,13 +1115,18 @@ def draw_figures(root: Path, groups: Sequence[GroupReport], curves: Sequence[Cur
             g.threshold, g.scratch, runs=[(r.eps, r.metric("best_train_adv_loss"))
                                           for r in [*g.group.clean, *g.group.scratch]],
             finetune=_finetune_series(g), unstable_eps=g.unstable_eps, title=g.label)
-        _save(plt, fig, root / _loss_plot_path(g))
+        written.append(_save(fig, root / _loss_plot_path(g)))
+        plt.close(fig)
+    plotter = LearningCurves() if curves else None
     for c in curves:
-        fig = learning_curves_figure(
+        fig = plotter.draw(
             {k: v for k, v in c.series.items() if k != "lr"}, gap=c.gap(),
             best_epoch=c.run.metric("best_epoch"), lr_drop_epoch=c.lr_drop_epoch(),
             title=f"{c.run.name} ({c.run.kind}, eps={fmt255(c.run.eps)}/255)")
-        _save(plt, fig, root / _curve_path(c))
+        written.append(_save(fig, root / _curve_path(c)))
+    if plotter is not None:
+        plt.close(plotter.fig)
+    return written
 
 
 def _finetune_series(g: GroupReport) -> dict[str, tuple[list[tuple[float, float]], Estimate]]:
@@ -1133,19 +1140,21 @@ def _finetune_series(g: GroupReport) -> dict[str, tuple[list[tuple[float, float]
     return series
 
 
-def _save(plt: Any, fig: Any, path: Path) -> None:
+def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return path
 
 
 # =============================================================================== the workflow
 @dataclass(frozen=True)
 class ReportResult:
-    out: Path
-    groups: list[GroupReport]
-    n_runs: int
-    report_run_id: str | None
-    files: list[Path]
+    """What :func:`make_report` did."""
+
+    out: Path  # the output directory
+    groups: list[GroupReport]  # in report order
+    n_runs: int  # training runs reported (parent runs with logged estimates not counted)
+    report_run_id: str | None  # the report run, None with ``log=False``
+    files: list[Path]  # everything written: report.md/.html, runs.csv, groups.csv, plots/*.png
 
 
 def make_report(cfg: ReportConfig) -> ReportResult:
@@ -1156,16 +1165,16 @@ def make_report(cfg: ReportConfig) -> ReportResult:
     groups = compare_with_unstable([analyze_group(g, i + 1, n_boot=cfg.n_boot)
                                     for i, g in enumerate(group_runs(sel.records))])
     curves = fetch_histories(client, curve_candidates(groups), cfg.max_curves)
-    draw_figures(out, groups, curves)
+    files = draw_figures(out, groups, curves)
     blocks = summary_blocks(sel, groups, curves, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    (out / "report.md").write_text(render_markdown(blocks))
-    (out / "report.html").write_text(render_html(blocks, out))
+    (out / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
+    (out / "report.html").write_text(render_html(blocks, out), encoding="utf-8")
     write_runs_csv(out / "runs.csv", sel, groups)
     write_groups_csv(out / "groups.csv", groups)
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    run_id = log_report(client, out, cfg, groups[0].group.experiment_id, len(sel.records)) \
-        if cfg.log else None
+    files = [out / name for name in ("report.md", "report.html", "runs.csv", "groups.csv")] + files
     n_runs = sum(r.cfg is not None for r in sel.records)
+    run_id = log_report(client, out, files, cfg, groups[0].group.experiment_id, n_runs) \
+        if cfg.log else None
     return ReportResult(out, groups, n_runs, run_id, files)
 
 
@@ -1177,10 +1186,11 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
-def log_report(client: mlflow.MlflowClient, out: Path, cfg: ReportConfig, experiment_id: str,
-               n_runs: int) -> str:
-    """Log ``out`` as the artifacts of a report run: the run ``mlflow run`` made for us
-    (MLFLOW_RUN_ID; it ends that run itself), else a new FINISHED run in ``experiment_id``."""
+def log_report(client: mlflow.MlflowClient, out: Path, files: Sequence[Path], cfg: ReportConfig,
+               experiment_id: str, n_runs: int) -> str:
+    """Log the report's ``files`` (paths under ``out``; only those: ``out`` may hold anything
+    else) as the artifacts of a report run: the run ``mlflow run`` made for us (MLFLOW_RUN_ID;
+    it ends that run itself), else a new FINISHED run in ``experiment_id``."""
     env_run = os.environ.get("MLFLOW_RUN_ID")
     tags = {tracking.TAG_ROLE: "report"}
     with _store_errors(client.tracking_uri, check_exists=False):
@@ -1191,7 +1201,9 @@ def log_report(client: mlflow.MlflowClient, out: Path, cfg: ReportConfig, experi
         if not env_run:  # `mlflow run` logged its own parameters under these names
             client.log_batch(run_id, params=[Param(k, v) for k, v in
                                              _report_params(cfg, n_runs).items()])
-        client.log_artifacts(run_id, str(out))
+        for path in files:
+            folder = path.parent.relative_to(out).as_posix()
+            client.log_artifact(run_id, str(path), None if folder == "." else folder)
     except BaseException as exc:
         if not env_run:
             client.set_terminated(run_id, tracking.end_status_for(exc))

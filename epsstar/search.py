@@ -116,8 +116,18 @@ def open_storage(url: str, *, workers: int = 1) -> optuna.storages.BaseStorage:
     except Exception as err:
         hint = (" (SQLAlchemy reads postgresql:// as the psycopg 3 driver; write "
                 "postgresql+psycopg2://... for psycopg2)" if "psycopg" in str(err) else "")
-        raise EpsstarError(f"cannot open Optuna storage {url}: {tracking._short(err)}{hint}") \
-            from None
+        raise EpsstarError(f"cannot open Optuna storage {_shown(url)}: "
+                           f"{tracking._short(err)}{hint}") from None
+
+
+def _shown(url: str) -> str:
+    """A storage URL as printed: a password in it is masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL (journal:///...): nothing to hide
+        return url
 
 
 def _seconds(name: str, default: int) -> int:
@@ -156,7 +166,7 @@ def load_search_study(study_name: str, storage: str, *, workers: int = 1) -> opt
     try:
         plain = optuna.load_study(study_name=study_name, storage=opened)
     except KeyError:
-        raise ConfigError(f"no study {study_name!r} in {storage}") from None
+        raise ConfigError(f"no study {study_name!r} in {_shown(storage)}") from None
     missing = [key for key in LAB_ATTRS if key not in plain.user_attrs]
     if missing:
         raise ConfigError(f"study {study_name!r} was not prepared by find_epsstar "

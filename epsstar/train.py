@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from epsstar.attacks import perturb
 from epsstar.checkpoint import load_checkpoint, save_checkpoint
 from epsstar.config import EpsstarError, TrainConfig
-from epsstar.data import DataBundle, make_loader
+from epsstar.data import DataBundle, make_loader, unaugmented
 from epsstar.losses import training_loss
 from epsstar.models import build_model
 
@@ -242,7 +242,8 @@ def train_eval_loss(model: nn.Module, data: DataBundle, cfg: TrainConfig,
                     device: torch.device) -> float:
     """Eval-mode re-evaluation of the (attacked) training set, logged beside the train-mode
     running average that defines R̂ (SPEC §2), for users who want the cleaner number."""
-    loader = make_loader(data.train, max(cfg.batch_size, 256), shuffle=False, seed=0)
+    loader = make_loader(unaugmented(data.train), max(cfg.batch_size, 256), shuffle=False,
+                         seed=0)
     loss, _ = evaluate(model, loader, cfg, device, adversarial=True)
     return loss
 

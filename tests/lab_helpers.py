@@ -4,9 +4,9 @@ loopback port.
 
 The ``lab`` fixture (module scope) creates ``epsstar_test_<random>_{mlflow,optuna,auth}``, starts
 the server, points this process and every subprocess at it through the environment (admin
-credentials, short heartbeats, a checkpoint upload after every epoch) and drops the databases at
-the end. PostgreSQL unreachable is a test *failure*, not a skip: the lab tests are the only check
-that the multi-worker path works at all.
+credentials, heartbeats every second) and drops the databases at the end. PostgreSQL
+unreachable is a test *failure*, not a skip: the lab tests are the only check that the
+multi-worker path works at all.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PG = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
 # The cheap training configuration: a trial takes a couple of seconds on one core.
-TINY = dict(dataset="digits", arch="mlp", width=16, epochs=4, steps=3, batch_size=256,
+TINY = dict(dataset="digits", arch="mlp", width=16, epochs=4, steps=3, batch_size=64, lr=0.1,
             device="cpu")
 HEARTBEAT_S, GRACE_S = 1, 3  # Optuna heartbeats: a killed worker's trial is stale after 3 s
 ADMIN = "admin"
@@ -213,7 +213,6 @@ def _lab_env(lab_root: Path, port: int, password: str, names: dict[str, str]) ->
         "MLFLOW_TRACKING_PASSWORD": password,
         "EPSSTAR_HEARTBEAT_S": str(HEARTBEAT_S),
         "EPSSTAR_GRACE_S": str(GRACE_S),
-        "EPSSTAR_UPLOAD_EVERY_S": "0",  # every epoch: a killed run's checkpoint is reachable
         "PYTHONUNBUFFERED": "1",
     }
 

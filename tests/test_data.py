@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from epsstar.config import ConfigError, TrainConfig
 from epsstar.data import (
@@ -162,7 +162,7 @@ def test_missing_files_say_what_to_put_where(tmp_path, name):
     message = str(err.value)
     assert "\n" not in message
     assert f"{spec.title} not found in {tmp_path / 'data'}/" in message
-    assert spec.hint in message and "--download" in message
+    assert spec.hint in message and "--download true" in message
 
 
 def test_a_single_missing_file_is_named(tmp_path):
@@ -381,6 +381,12 @@ def test_augmented_loader_is_reproducible(tmp_path):
     a = _epoch(make_loader(train, 8, shuffle=True, seed=1))[0]
     b = _epoch(make_loader(train, 8, shuffle=True, seed=1))[0]
     assert torch.equal(a, b)
+
+
+def test_a_subset_of_in_memory_images_keeps_the_batched_path(numbered):
+    loader = make_loader(Subset(numbered, range(10, 20)), 4, shuffle=False, seed=0)
+    assert isinstance(loader.dataset, ImageTensorDataset)
+    assert _epoch(loader)[1].tolist() == list(range(10, 20))
 
 
 def test_other_datasets_go_through_a_seeded_dataloader():

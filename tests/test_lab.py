@@ -33,6 +33,7 @@ from epsstar.search import (
     finish_search,
     load_search_study,
     open_storage,
+    run_trials,
     start_search,
 )
 
@@ -120,16 +121,15 @@ def _checkpointed_run(study: optuna.Study) -> str:
 def test_killed_worker_trial_is_retried_from_its_checkpoint(lab, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     client = lab.client()
+    search = dataclasses.replace(SEARCH, max_trials=3, storage=lab.optuna_url)
     reference = find_epsstar(
-        CFG, dataclasses.replace(SEARCH, study_name=_unique("uninterrupted"),
-                                 storage=lab.optuna_url),
+        CFG, dataclasses.replace(search, study_name=_unique("uninterrupted")),
         experiment_id=tracking.get_or_create_experiment(_unique("uninterrupted")),
         checkpoint_root=tmp_path / "reference", log_model=False)
     ref_study = optuna.load_study(study_name=reference.study_name, storage=lab.optuna_url)
 
     experiment_id = tracking.get_or_create_experiment(_unique("killed"))
-    session = start_search(CFG, dataclasses.replace(SEARCH, study_name=_unique("killed"),
-                                                    storage=lab.optuna_url),
+    session = start_search(CFG, dataclasses.replace(search, study_name=_unique("killed")),
                            experiment_id=experiment_id, checkpoint_root=tmp_path / "driver",
                            log_model=False)
     # machine A uploads its checkpoint after every epoch (EPSSTAR_UPLOAD_EVERY_S=0)
@@ -171,6 +171,42 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(lab, tmp_path, monke
     # same config, same seeds: the same losses at the same eps, so the same eps*
     assert _points(study) == _points(ref_study)
     assert result.estimate == reference.estimate
+
+
+@pytest.mark.lab
+def test_interrupted_worker_hands_its_trial_over(lab, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C / SIGTERM (end_runs_on_sigterm turns it into the same KeyboardInterrupt): the run
+    ends KILLED with its checkpoint uploaded (default upload interval: 5 min) and the trial is
+    queued again at once, for any worker to resume."""
+    monkeypatch.chdir(tmp_path)
+    cfg = CFG.replace(epochs=12)  # long enough to be interrupted mid-run
+    session = start_search(cfg, dataclasses.replace(SEARCH, study_name=_unique("interrupted"),
+                                                    storage=lab.optuna_url),
+                           experiment_id=tracking.get_or_create_experiment(_unique("int")),
+                           checkpoint_root=tmp_path, log_model=False)
+    client = lab.client()
+
+    def interrupt_after_first_epoch() -> None:
+        run_id = _wait_until("trial 0's run", lambda: session.study.get_trials(
+            deepcopy=False)[0].user_attrs.get("run_id") if session.study.trials else None)
+        _wait_until("an epoch", lambda: client.get_metric_history(run_id, "train_adv_loss"))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_first_epoch, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(session.study, session.cfg, experiment_id=session.experiment_id,
+                   parent_run_id=session.parent.run_id, checkpoint_root=tmp_path,
+                   log_model=False)
+    session.parent.end("KILLED")
+
+    trials = session.study.get_trials()
+    dead_run = trials[0].user_attrs["run_id"]
+    assert client.get_run(dead_run).info.status == "KILLED"
+    uploaded = {f.path for f in client.list_artifacts(dead_run, "checkpoints")}
+    assert "checkpoints/last.pt" in uploaded
+    assert trials[0].state == FAIL
+    assert [(t.state, t.system_attrs["failed_trial"], t.params["eps"]) for t in trials[1:]] == [
+        (optuna.trial.TrialState.WAITING, 0, trials[0].params["eps"])]
 
 
 # --------------------------------------------------------------------------- reap
@@ -263,17 +299,21 @@ def test_user_without_permission_cannot_log(lab, monkeypatch):  # noqa: F811
     admin.create_user(user, password)
     experiment_id = tracking.get_or_create_experiment(_unique("private"))
 
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    start = time.monotonic()
-    with pytest.raises(tracking.TrackingError, match="refused"):
-        tracking.RunTracker.create(CFG, experiment_id=experiment_id)
-    assert time.monotonic() - start < 10  # refused at once, not after the retry back-off
-    assert not _runs(experiment_id)  # she may read the experiment: it is empty
+    with monkeypatch.context() as as_user:
+        as_user.setenv("MLFLOW_TRACKING_USERNAME", user)
+        as_user.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        start = time.monotonic()
+        with pytest.raises(tracking.TrackingError, match="refused"):
+            tracking.RunTracker.create(CFG, experiment_id=experiment_id)
+        assert time.monotonic() - start < 10  # refused at once, not after the retry back-off
+        assert not _runs(experiment_id)  # she may read the experiment: it is empty
 
     admin.grant_user_permission(user, "experiment", experiment_id, "EDIT")
-    tracker = tracking.RunTracker.create(CFG, experiment_id=experiment_id)
-    tracker.end("FINISHED")
+    with monkeypatch.context() as as_user:
+        as_user.setenv("MLFLOW_TRACKING_USERNAME", user)
+        as_user.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        tracker = tracking.RunTracker.create(CFG, experiment_id=experiment_id)
+        tracker.end("FINISHED")
     assert [r.info.run_id for r in _runs(experiment_id)] == [tracker.run_id]
 
 

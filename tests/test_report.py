@@ -127,7 +127,10 @@ def test_finetune_estimates_reproduce_the_paper(store, tmp_path):
         for eps, loss in losses.items():
             log_run(client, exp, best(loss, 0.95, 0.5, 0.8), eps_255=eps, attack=attack,
                     init=f"runs:/{clean}", schedule="triangular", epochs=2)
-    g = only(report(tmp_path, log=False))
+    log_run(client, exp, best(0.3, 0.9, 1.0, 0.6), eps_255=2, norm="l2")  # shares the clean run
+    l2, g = report(tmp_path, log=False).groups
+    assert l2.group.config["norm"] == "l2" and l2.group.clean == g.group.clean
+    assert l2.finetune == () and len(g.group.finetune) == 6  # linf fine-tunes: a linf group
     est = {(f.attack, tuple(round(e * 255, 4) for e in f.eps)): f.estimate.epsstar * 255
            for f in g.finetune}
     assert est[("pgd", (0.25, 0.5, 1.0))] == pytest.approx(2.50, abs=0.005)
@@ -138,6 +141,7 @@ def test_finetune_estimates_reproduce_the_paper(store, tmp_path):
     assert est[("pgd", (0.25, 0.5, 1.0))] == pytest.approx(
         extrapolate_epsstar(list(pgd), list(pgd.values()), 0.0403, 0.441).epsstar)
     assert g.scratch is None and any("no adversarial from-scratch" in n for n in g.notes)
+    assert g.label == "digits · mlp-16 · n=all · linf · at · fine-tuning only"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "eps* from PGD fine-tuning: 2.5/255 (3-point, 90% CI" in md
 
@@ -160,9 +164,8 @@ def test_logged_parent_estimates_are_shown_with_their_group(store, tmp_path):
 # --------------------------------------------------------------------------- grouping
 def test_norms_and_datasets_are_never_mixed(store, tmp_path):
     client, exp = store
-    log_paper_scratch(client, exp)  # digits, linf: eps* = 3.33
-    log_run(client, exp, best(0.03, 0.99, 0.3, 0.9), norm="l2")
-    for eps, loss in ((1, 0.1), (4, 0.5)):
+    clean = log_paper_scratch(client, exp)  # digits, linf: eps* = 3.33
+    for eps, loss in ((1, 0.3), (4, 0.6)):
         log_run(client, exp, best(loss, 0.9, 1.0, 0.6), eps_255=eps, norm="l2")
     log_run(client, exp, best(0.02, 0.99, 0.2, 0.95), dataset="mnist")
     log_run(client, exp, best(0.3, 0.9, 0.5, 0.8), eps_255=16, dataset="mnist")
@@ -170,18 +173,19 @@ def test_norms_and_datasets_are_never_mixed(store, tmp_path):
     by = {(g.group.config["dataset"], g.group.config["norm"]): g for g in groups}
     assert sorted(by) == [("digits", "l2"), ("digits", "linf"), ("mnist", "linf")]
     assert by["digits", "linf"].scratch.epsstar * 255 == pytest.approx(3.33, abs=0.005)
-    assert by["digits", "l2"].threshold == pytest.approx(0.3)
-    assert by["digits", "l2"].scratch.epsstar * 255 == pytest.approx(
-        1 + 3 * (0.3 - 0.1) / (0.5 - 0.1))
+    # the l2 runs have their own curve; ε = 0 is the one clean run (it has no norm)
+    assert [r.run_id for r in by["digits", "l2"].group.clean] == [clean]
+    assert by["digits", "l2"].scratch.epsstar * 255 == pytest.approx(1 + 3 * 0.141 / 0.3)
+    assert by["mnist", "linf"].threshold == pytest.approx(0.2)
     assert by["mnist", "linf"].scratch.epsstar * 255 == pytest.approx(16 * 0.18 / 0.28)
     for g in groups:
-        assert len({(r.cfg.dataset, r.cfg.norm) for r in g.group.runs}) == 1
+        assert len({(r.cfg.dataset, r.cfg.norm) for r in g.group.scratch}) == 1
+        assert {r.cfg.dataset for r in g.group.runs} == {g.group.config["dataset"]}
 
 
 def test_fgm_catastrophic_overfitting_is_flagged(store, tmp_path):
     client, exp = store
     log_paper_scratch(client, exp)  # the PGD group and its clean run (shared with FGM)
-    log_run(client, exp, best(0.05, 0.99, 0.3, 0.9), norm="l2")  # never shared across norms
     # eps → (last-epoch FGM train acc, last-epoch PGD test acc)
     last = {4: (0.6, 0.40), 8: (0.55, 0.30), 12: (0.92, 0.01), 16: (0.95, 0.0), 32: (0.1, 0.0)}
     ids = {eps: log_run(client, exp, best(0.3 + eps / 40, 0.6, 1.5, 0.3), eps_255=eps,
@@ -216,11 +220,21 @@ def test_study_and_parent_filters(store, tmp_path):
     client, exp = store
     parent = client.create_run(exp, tags={tracking.TAG_ROLE: "search"}).info.run_id
     client.set_terminated(parent)
-    log_paper_scratch(client, exp, tags={tracking.TAG_STUDY: "a", tracking.TAG_PARENT: parent})
+    clean = log_paper_scratch(client, exp, tags={tracking.TAG_STUDY: "a",
+                                                 tracking.TAG_PARENT: parent})
     log_paper_scratch(client, exp, width=32, tags={tracking.TAG_STUDY: "b"})
     assert only(report(tmp_path, log=False, study="a")).group.config["width"] == 16
     assert only(report(tmp_path, log=False, parent=parent)).group.config["width"] == 16
     assert len(report(tmp_path, log=False).groups) == 2
+    # a later search of study "c" reused the clean run of study "a": found through its parent
+    later = client.create_run(exp, tags={tracking.TAG_ROLE: "search",
+                                         tracking.TAG_STUDY: "c"}).info.run_id
+    client.log_batch(later, metrics=[Metric("epsstar_255", 3.3, 0, 0)],
+                     params=[Param("clean_run_id", clean)])
+    client.set_terminated(later)
+    log_run(client, exp, best(0.3, 0.9, 1.0, 0.6), eps_255=4, tags={tracking.TAG_STUDY: "c"})
+    g = only(report(tmp_path, log=False, study="c"))
+    assert [r.run_id for r in g.group.clean] == [clean] and g.threshold == pytest.approx(0.441)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -230,8 +244,11 @@ def test_outputs_are_self_contained_and_logged(store, tmp_path):
     log_run(client, exp, best(0.08, 0.95, 0.5, 0.8), eps_255=0.5, init=f"runs:/{clean}")
     log_run(client, exp, {"best_epoch": 1}, eps_255=4, status="FAILED")  # left out
     n_runs = 5
-    result = report(tmp_path)
     out = tmp_path / "out"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "mine.png").write_bytes(b"")  # the user's: neither logged nor deleted
+    result = report(tmp_path)
+    assert (out / "plots" / "mine.png").exists()
     page = (out / "report.html").read_text()
     assert page.count('<img alt="') == page.count('src="data:image/png;base64,') >= 1
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
@@ -245,7 +262,9 @@ def test_outputs_are_self_contained_and_logged(store, tmp_path):
     assert run.info.status == "FINISHED" and run.info.experiment_id == exp
     assert run.data.tags[tracking.TAG_ROLE] == "report"
     logged = {a.path for a in client.list_artifacts(result.report_run_id)}
-    assert {"report.md", "report.html", "runs.csv", "groups.csv", "plots"} <= logged
+    assert logged == {"report.md", "report.html", "runs.csv", "groups.csv", "plots"}
+    pngs = {a.path for a in client.list_artifacts(result.report_run_id, "plots")}
+    assert pngs == {f"plots/{p.name}" for p in result.files if p.suffix == ".png"} != set()
     # a second report does not read the first report's run back
     assert report(tmp_path, log=False).n_runs == n_runs
 
@@ -311,6 +330,16 @@ def test_cli_bad_selection(store, tmp_path, args, message):
     assert message in one_line_error(run_cli(*args, "--out", str(tmp_path / "o"), "--no-log"))
 
 
+def test_experiment_from_the_environment(store, tmp_path, monkeypatch):
+    client, exp = store
+    log_paper_scratch(client, exp)
+    client.create_experiment("empty")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "empty")
+    with pytest.raises(EpsstarError, match="no FINISHED epsstar runs in experiment 'empty'"):
+        report(tmp_path, log=False)
+    assert only(report(tmp_path, log=False, experiments=("paper",))).threshold == 0.441
+
+
 def test_cli_bad_store(tracking_store, tmp_path):  # noqa: F811 - fixture
     missing = f"sqlite:///{tmp_path}/typo.db"
     assert "does not exist" in one_line_error(run_cli("--tracking-uri", missing))
@@ -353,3 +382,19 @@ def test_end_to_end_on_digits(tracking_store, tmp_path):  # noqa: F811 - fixture
 
 def test_command_is_a_click_command():
     assert isinstance(report_command, click.Command) and report_command.name == "report"
+
+
+def test_learning_curves_figure_is_redrawn_per_run():
+    from epsstar.plots import LearningCurves
+
+    plotter = LearningCurves()
+    plotter.draw({"train_adv_loss": [(1, 2.0), (2, 1.0)]}, best_epoch=2, title="a")
+    plotter.draw({"test_adv_acc": [(e, 0.5) for e in range(1, 41)]}, gap=[(1, 3.0)],
+                 best_epoch=math.nan, lr_drop_epoch=20, title="b")
+    lines = plotter.lines
+    assert list(lines["train", "_loss"].get_xdata()) == []  # nothing left of the first run
+    assert list(lines["test", "_acc"].get_xdata()) == list(range(1, 41))
+    assert plotter.axes[1].get_xlim()[1] >= 40
+    assert not any(best.get_visible() for best, _ in plotter.marks)
+    assert all(drop.get_visible() and drop.get_xdata()[0] == 20 for _, drop in plotter.marks)
+    assert plotter.title.get_text() == "b"

@@ -43,7 +43,7 @@ def command(study_name, storage, tracking_uri, checkpoint_dir, log_model, downlo
     overrides = {"device": device, "data_dir": data_dir}
     overrides = {k: v for k, v in overrides.items() if v}
     if loader_workers is not None:
-        overrides["workers"] = loader_workers
+        overrides["loader_workers"] = loader_workers
     end_runs_on_sigterm()
     reason = join_search(study_name, storage, checkpoint_root=checkpoint_dir,
                          log_model=log_model, download=download, overrides=overrides,
