@@ -41,10 +41,10 @@ def synthetic_metrics(eps_255: float, width: int, rng: random.Random) -> dict[st
     acc = max(0.05, 0.99 - 0.06 * eps_255)
     return {"best_epoch": float(rng.randint(10, EPOCHS)), "best_train_adv_loss": train,
             "best_train_adv_acc": acc, "best_test_adv_loss": test,
-            "best_test_adv_acc": acc - 0.1, "best_test_clean_loss": 0.44 + 0.01 * eps_255,
+            "best_test_adv_acc": max(0.0, acc - 0.1), "best_test_clean_loss": 0.44 + 0.01 * eps_255,
             "best_test_clean_acc": 0.87, "best_train_eval_loss": train, "train_seconds": 60.0,
             "train_adv_loss": train * 0.9, "test_adv_loss": test * 1.1,
-            "train_adv_acc": acc, "test_adv_acc": acc - 0.12, "lr": 0.001}
+            "train_adv_acc": acc, "test_adv_acc": max(0.0, acc - 0.12), "lr": 0.001}
 
 
 def history(final: dict[str, float]) -> list[Metric]:
@@ -61,9 +61,9 @@ def history(final: dict[str, float]) -> list[Metric]:
     return out
 
 
-def build_store(uri: str, n_histories: int) -> int:
+def build_store(uri: str, artifacts: Path, n_histories: int) -> int:
     client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("bench")
+    exp = client.create_experiment("bench", artifact_location=str(artifacts.resolve()))
     rng = random.Random(0)
     runs = [(16 * (g + 1), eps, seed) for g in range(GROUPS)
             for eps, seed in [(0, 0)] + [(e, s) for e in EPS_255 for s in range(SEEDS)]]
@@ -127,7 +127,7 @@ def main() -> None:
     uri = f"sqlite:///{args.store.resolve()}/mlflow.db"
     if not (args.store / "mlflow.db").exists():
         t = time.perf_counter()
-        n = build_store(uri, args.histories)
+        n = build_store(uri, args.store / "artifacts", args.histories)
         print(f"built {n} runs in {time.perf_counter() - t:.1f} s")
     for name, seconds in time_stages(uri, args.store / "out").items():
         print(f"{name:40s} {seconds:7.2f} s")

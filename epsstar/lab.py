@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 
 from epsstar import tracking
 from epsstar.config import ConfigError, EpsstarError, TrainConfig
-from epsstar.search import SearchSession, load_search_study, run_trials
+from epsstar.search import SearchSession, check_storage, load_search_study, run_trials
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def join_search(
     if bad:
         raise ConfigError(f"a worker may only override {', '.join(MACHINE_FIELDS)}, "
                           f"not {', '.join(sorted(bad))}")
+    check_storage(storage, workers=2)  # a worker is one of several, whatever --wait says
     study = _wait_for_study(study_name, storage, wait_s)
     attrs = study.user_attrs
     cfg = TrainConfig.from_params(attrs["train_config"]).replace(**(overrides or {}))
@@ -95,7 +96,7 @@ def _wait_for_study(study_name: str, storage: str, wait_s: float) -> optuna.Stud
     while True:
         try:
             return load_search_study(study_name, storage, workers=2)
-        except ConfigError:
+        except ConfigError:  # no such study yet, or its attributes not written yet
             if time.monotonic() >= deadline:
                 raise
         time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))

@@ -297,7 +297,7 @@ def _store_errors(uri: str, *, check_exists: bool = True) -> Iterator[None]:
     if check_exists:
         _check_local_store(uri)
     try:
-        with tracking._fail_fast():
+        with tracking.fail_fast():
             yield
     except EpsstarError:
         raise
@@ -305,7 +305,7 @@ def _store_errors(uri: str, *, check_exists: bool = True) -> Iterator[None]:
         if str(err).startswith("API request to"):  # MLflow's wrapping of a connection error
             raise tracking.TrackingError(f"cannot reach tracking store {uri}: {_reason(err)}") \
                 from None
-        raise tracking.TrackingError(f"tracking store {uri}: {tracking._short(err)}") from None
+        raise tracking.TrackingError(f"tracking store {uri}: {tracking.short_error(err)}") from None
     except Exception as err:  # connection refused, DNS, unknown scheme: many types
         raise tracking.TrackingError(f"cannot reach tracking store {uri}: {_reason(err)}") \
             from None
@@ -314,7 +314,7 @@ def _store_errors(uri: str, *, check_exists: bool = True) -> Iterator[None]:
 def _reason(err: BaseException) -> str:
     """The OS-level reason buried in a connection error ("[Errno 111] Connection refused")."""
     found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))
-    return found.group(0) if found else tracking._short(err)
+    return found.group(0) if found else tracking.short_error(err)
 
 
 def _check_local_store(uri: str) -> None:
@@ -996,7 +996,10 @@ _NUMERIC = re.compile(r"([<>] )?\[?[-+]?(\d+(\.\d*)?(e[-+]?\d+)?|—|∞)(/255)?
 
 
 def _html_cell(text: str) -> str:
+    """Numbers right-aligned; short ones ("3.33/255 [2, 8]") never broken across lines."""
     numeric = ' class="num"' if _NUMERIC.fullmatch(text) else ""
+    if numeric and len(text) <= 24:
+        numeric = ' class="num nowrap"'
     return f"<td{numeric}>{_inline(text)}</td>"
 
 
@@ -1029,7 +1032,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
 h1 { font-size: 1.5em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f2f2f2; } td.num { text-align: right; }
+th { background: #f2f2f2; } td.num { text-align: right; } td.nowrap { white-space: nowrap; }
 td:first-child { white-space: nowrap; }
 .scroll { overflow-x: auto; }
 tbody tr:nth-child(even) { background: #fafafa; }

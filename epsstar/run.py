@@ -208,16 +208,27 @@ def run_training(
 def _adopt_checkpoint(source_run: str, root: Path, directory: Path,
                       tracker: tracking.RunTracker) -> None:
     """Copy a dead run's last checkpoint so a retried trial continues instead of restarting,
-    and log the epochs it already holds, so the new run's curves start at epoch 1."""
+    and log the epochs it already holds, so the new run's curves start at epoch 1.
+
+    A checkpoint that does not load (cut short by a kill during its upload, or not ours) is
+    left alone: the retry trains from epoch 1 instead of failing its trial.
+    """
     src = root / source_run
     if not _fetch_last_checkpoint(source_run, src):
         return
+    try:
+        history = load_checkpoint(src / "last.pt")["history"]
+        load_checkpoint(src / "best.pt")
+    except CheckpointError as err:
+        warnings.warn(f"not resuming from run {source_run}: {err}; training from epoch 1",
+                      stacklevel=2)
+        return
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("last.pt", "best.pt"):
-        if (src / name).exists() and not (directory / name).exists():
+        if not (directory / name).exists():
             (directory / name).write_bytes((src / name).read_bytes())
     tracker.set_tags({tracking.TAG_RESUMED_FROM: source_run})
-    for row in load_checkpoint(directory / "last.pt")["history"]:
+    for row in history:
         metrics = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
         tracker.log_metrics(metrics, step=int(row["epoch"]), background=True)
 
@@ -260,7 +271,7 @@ def _upload_checkpoints(tracker: tracking.RunTracker, directory: Path, *,
         if required:
             raise
         warnings.warn(f"checkpoint upload of run {tracker.run_id} failed "
-                      f"({tracking._short(err)}); tried again later", stacklevel=2)
+                      f"({tracking.short_error(err)}); tried again later", stacklevel=2)
         return False
     return True
 

@@ -117,7 +117,7 @@ def open_storage(url: str, *, workers: int = 1) -> optuna.storages.BaseStorage:
         hint = (" (SQLAlchemy reads postgresql:// as the psycopg 3 driver; write "
                 "postgresql+psycopg2://... for psycopg2)" if "psycopg" in str(err) else "")
         raise EpsstarError(f"cannot open Optuna storage {_shown(url)}: "
-                           f"{tracking._short(err)}{hint}") from None
+                           f"{tracking.short_error(err)}{hint}") from None
 
 
 def _shown(url: str) -> str:
@@ -152,7 +152,7 @@ def retry_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> No
             tracking.end_if_running(run_id, "KILLED")
         except Exception as err:  # tracking store down: `epsstar reap` ends the run later
             log.warning("run %s of dead trial %d not ended: %s", run_id, trial.number,
-                        tracking._short(err))
+                        tracking.short_error(err))
     sampler = study.sampler
     if isinstance(sampler, BisectionSampler) and sampler.stop_reason(study) is not None:
         return

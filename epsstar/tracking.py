@@ -76,7 +76,7 @@ def client() -> mlflow.MlflowClient:
 
 
 @contextlib.contextmanager
-def _fail_fast() -> Iterator[None]:
+def fail_fast() -> Iterator[None]:
     """Temporarily lower MLflow's HTTP retries: a wrong tracking URI should fail in seconds, not
     after MLflow's two minutes of back-off."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -102,7 +102,7 @@ def get_or_create_experiment(name: str | None = None) -> str:
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     c = client()
     try:
-        with _fail_fast():
+        with fail_fast():
             exp = c.get_experiment_by_name(name)
             if exp is not None:
                 return exp.experiment_id
@@ -124,10 +124,10 @@ def _describe_failure(uri: str, err: BaseException) -> str:
     text = str(err)
     if any(hint in text for hint in _NETWORK_HINTS):
         return f"cannot reach tracking store {uri}: no server answers there"
-    return f"tracking store {uri}: {_short(err)}"
+    return f"tracking store {uri}: {short_error(err)}"
 
 
-def _short(err: BaseException) -> str:
+def short_error(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:200]
 
@@ -149,11 +149,12 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 5, delay: float = 1
         except Exception as err:  # network errors come as many types; all are retried
             if getattr(err, "error_code", None) in _REFUSALS:
                 user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
-                raise TrackingError(f"MLflow {what} refused for {user}: {_short(err)}") from None
+                raise TrackingError(
+                    f"MLflow {what} refused for {user}: {short_error(err)}") from None
             if attempt == attempts:
                 raise
             warnings.warn(
-                f"MLflow {what} failed ({_short(err)}); retry {attempt}/{attempts - 1} "
+                f"MLflow {what} failed ({short_error(err)}); retry {attempt}/{attempts - 1} "
                 f"in {delay:.0f}s", stacklevel=2,
             )
             time.sleep(delay)
@@ -292,7 +293,7 @@ class RunTracker:
                 retry(lambda c=chunk: client().log_batch(self.run_id, metrics=c),
                       what="log metrics", attempts=attempts)
         except Exception as err:
-            warnings.warn(f"MLflow unreachable ({_short(err)}); {len(batch)} metric values "
+            warnings.warn(f"MLflow unreachable ({short_error(err)}); {len(batch)} metric values "
                           "kept and retried at the next flush", stacklevel=2)
             return False
         with self._lock:

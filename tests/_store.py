@@ -8,7 +8,7 @@ import shutil
 import mlflow
 import pytest
 
-TINY = dict(dataset="digits", arch="mlp", width=16, epochs=3, steps=3, batch_size=256,
+TINY = dict(dataset="digits", arch="mlp", width=16, epochs=3, steps=3, batch_size=256, lr=0.1,
             device="cpu")
 
 

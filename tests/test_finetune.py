@@ -22,11 +22,12 @@ from epsstar.finetune import ROLE, FinetuneConfig, finetune_epsstar
 
 # A clean run that has converged enough for fine-tunes to raise the loss (6 epochs, batch 128);
 # ε large enough for digits that the line crosses R*(0) (a proper estimate, not a bound).
-CFG = TrainConfig(dataset="digits", arch="mlp", width=32, epochs=6, steps=3, batch_size=128,
+CFG = TrainConfig(dataset="digits", arch="mlp", width=32, epochs=6, steps=3, batch_size=128, lr=0.1,
                   device="cpu")
 EPS = (2 / 255, 4 / 255, 8 / 255)
 FT = FinetuneConfig(eps_list=EPS, epochs_fraction=1 / 3, compare_scratch=True)  # 2 epochs each
 CLI_ARGS = ["finetune", "--width", "32", "--epochs", "6", "--steps", "3", "--batch-size", "128",
+            "--lr", "0.1",
             "--device", "cpu", "--eps-list", "2/255,4/255,8/255", "--epochs-fraction",
             str(1 / 3), "--compare-scratch", "true", "--log-model", "false"]
 

@@ -286,6 +286,18 @@ def test_learning_curves_are_capped_and_give_the_gap_ratio(store, tmp_path):
     assert f"| {ids[0]} | clean | 0 | 3 | 9.943 | 0.750 |" in md
 
 
+def test_logs_into_the_run_mlflow_run_made(store, tmp_path, monkeypatch):
+    client, exp = store
+    log_paper_scratch(client, exp)
+    mine = client.create_run(exp).info.run_id  # RUNNING, as `mlflow run` leaves it for us
+    monkeypatch.setenv("MLFLOW_RUN_ID", mine)
+    result = report(tmp_path)
+    run = client.get_run(mine)
+    assert result.report_run_id == mine and run.info.status == "RUNNING"  # mlflow run ends it
+    assert run.data.tags[tracking.TAG_ROLE] == "report" and run.data.params == {}
+    assert "report.html" in {a.path for a in client.list_artifacts(mine)}
+
+
 def test_no_log_leaves_the_store_alone(store, tmp_path):
     client, exp = store
     log_paper_scratch(client, exp)
