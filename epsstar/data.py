@@ -30,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets import CIFAR10, CIFAR100, MNIST, SVHN
-from torchvision.datasets.utils import download_url
 
 from epsstar.config import ConfigError, EpsstarError, TrainConfig
 
@@ -140,40 +138,55 @@ def unaugmented(dataset: Dataset) -> Dataset:
 # torchvision's own download(), SVHN's .mat files by ours.
 
 
-class _PlacedCIFAR10(CIFAR10):
-    train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+def download_url(url: str, root: str, **kwargs) -> None:
+    """torchvision's ``download_url``, imported on use (see :func:`_torchvision_readers`)."""
+    from torchvision.datasets.utils import download_url as torchvision_download_url
+
+    torchvision_download_url(url, root, **kwargs)
 
 
-class _PlacedCIFAR100(CIFAR100):
-    train_list = [[name, None] for name, _ in CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in CIFAR100.test_list]
-    meta = {**CIFAR100.meta, "md5": None}
+@lru_cache(maxsize=1)
+def _torchvision_readers() -> dict[str, type]:
+    """The torchvision dataset classes, built on first use: importing torchvision costs seconds,
+    and the digits default never needs it."""
+    from torchvision.datasets import CIFAR10, CIFAR100, MNIST, SVHN
+
+    class PlacedCIFAR10(CIFAR10):
+        train_list = [[name, None] for name, _ in CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
+
+    class PlacedCIFAR100(CIFAR100):
+        train_list = [[name, None] for name, _ in CIFAR100.train_list]
+        test_list = [[name, None] for name, _ in CIFAR100.test_list]
+        meta = {**CIFAR100.meta, "md5": None}
+
+    class PlacedSVHN(SVHN):
+        def _check_integrity(self) -> bool:
+            return Path(self.root, self.filename).is_file()
+
+        def download(self) -> None:
+            if not self._check_integrity():
+                download_url(self.url, self.root, filename=self.filename, md5=self.file_md5)
+
+    return {"cifar10": PlacedCIFAR10, "cifar100": PlacedCIFAR100, "svhn": PlacedSVHN,
+            "mnist": MNIST}
 
 
-class _PlacedSVHN(SVHN):
-    def _check_integrity(self) -> bool:
-        return Path(self.root, self.filename).is_file()
-
-    def download(self) -> None:
-        if not self._check_integrity():
-            download_url(self.url, self.root, filename=self.filename, md5=self.file_md5)
-
-
-def _read_cifar(cls: type, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
-    ds = cls(str(root), train=train, download=download)
+def _read_cifar(name: str, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    ds = _torchvision_readers()[name](str(root), train=train, download=download)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) → NCHW
     return images, torch.as_tensor(ds.targets, dtype=torch.int64)
 
 
 def _read_mnist(root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
-    ds = MNIST(str(root), train=train, download=download)
+    ds = _torchvision_readers()["mnist"](str(root), train=train, download=download)
     return ds.data.unsqueeze(1), ds.targets.to(torch.int64)  # (N, 28, 28) → (N, 1, 28, 28)
 
 
 def _read_svhn(root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
-    ds = _PlacedSVHN(str(root), split="train" if train else "test", download=download)
+    svhn = _torchvision_readers()["svhn"]
+    ds = svhn(str(root), split="train" if train else "test", download=download)
     return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).to(torch.int64)
 
 
@@ -218,10 +231,12 @@ class DatasetSpec:
     augment: Augment | None = None  # training-split augmentation when cfg.augment
 
 
-def _cifar_files(cls: type[CIFAR10]) -> tuple[str, ...]:
-    """The batch and meta files of a CIFAR release, relative to data_dir."""
-    names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    return tuple(f"{cls.base_folder}/{n}" for n in names)
+# The files of each CIFAR release, relative to data_dir (torchvision's layout).
+_CIFAR10_FILES = tuple(
+    f"cifar-10-batches-py/{n}"
+    for n in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+)
+_CIFAR100_FILES = tuple(f"cifar-100-python/{n}" for n in ("train", "test", "meta"))
 
 
 _MNIST_FILES = tuple(
@@ -261,8 +276,8 @@ DATASETS: dict[str, DatasetSpec] = {
         image_size=32,
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2471, 0.2435, 0.2616),
-        read=partial(_read_cifar, _PlacedCIFAR10),
-        files=_cifar_files(CIFAR10),
+        read=partial(_read_cifar, "cifar10"),
+        files=_CIFAR10_FILES,
         hint="put cifar-10-batches-py/ there",
         augment=crop_flip,
     ),
@@ -273,8 +288,8 @@ DATASETS: dict[str, DatasetSpec] = {
         image_size=32,
         mean=(0.5071, 0.4865, 0.4409),
         std=(0.2673, 0.2564, 0.2762),
-        read=partial(_read_cifar, _PlacedCIFAR100),
-        files=_cifar_files(CIFAR100),
+        read=partial(_read_cifar, "cifar100"),
+        files=_CIFAR100_FILES,
         hint="put cifar-100-python/ there",
         augment=crop_flip,
     ),

@@ -210,6 +210,7 @@ class RunTracker:
     run_id: str
     pending: list[Metric] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _sending: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
     _inflight: Future | None = field(default=None, repr=False)
 
@@ -283,6 +284,10 @@ class RunTracker:
 
     def flush(self, attempts: int = 5) -> bool:
         """Send queued metrics; on failure keep them for the next flush and return False."""
+        with self._sending:  # one flush at a time: a value is never sent twice or dropped
+            return self._send_pending(attempts)
+
+    def _send_pending(self, attempts: int) -> bool:
         with self._lock:
             batch = list(self.pending)
         if not batch:

@@ -16,9 +16,9 @@ def main() -> None:
 def _register() -> None:
     # Imported here, not at the top, so `epsstar --help` does not pay for torch / MLflow imports
     # of commands it does not run (each module imports its heavy layers inside the command).
-    from epsstar.cli import estimate, find, finetune, report, simulate, train
+    from epsstar.cli import estimate, find, finetune, reap, report, simulate, train, worker
 
-    for module in (train, find, finetune, report, estimate, simulate):
+    for module in (train, find, finetune, report, estimate, simulate, worker, reap):
         main.add_command(module.command)
 
 
