@@ -32,17 +32,29 @@ Stateless: the sampler writes the ε it picks into the trial's system attributes
 starts, and derives everything else from ``study.get_trials()``. A restarted driver, a fresh
 sampler object, or a second machine on the same storage continues the same search.
 
-Several workers: every RUNNING (or enqueued) trial's ε counts as pending. A pending run is
-assumed to come out as the curve predicts it ("believer", as in batch Bayesian optimisation)
-and the next ε is planned on top of that; if that belief would already end the search, the
-opposite outcome is assumed, so the extra run pays off exactly when the prediction is wrong.
-No ε closer than 0.1·rtol (relative) to a pending or completed one is proposed.
+Several workers: every RUNNING (or enqueued) trial's ε counts as pending.
+
+- No run completed yet (nothing predicts the pending runs): the new run goes where the
+  one-worker search would go after the likelier outcome of the pending ones, i.e. into the
+  widest part (log ε) of the range they leave: ×8 above the start on a second worker.
+- A bracket with pending runs inside: the new run splits the bracket together with them, at
+  the ε that most likely leaves ε* in a part within rtol, with ε* believed near the estimate
+  (a normal in log ε) but possibly anywhere in the bracket.
+- Otherwise a pending run is assumed to come out as the curve predicts it ("believer", as in
+  batch Bayesian optimisation) and the next ε is planned on top of that; if that belief would
+  already end the search, the opposite outcome is assumed.
+
+No ε closer than 0.1·rtol (relative) to a pending or completed one is proposed. Two trials that
+planned at the same instant without seeing each other get the same ε; the later-numbered one
+waits (at most ``_WAIT_S``) until every earlier RUNNING trial has stored its ε, sees the
+duplicate and plans again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -53,6 +65,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 from scipy.optimize import isotonic_regression
+from scipy.special import ndtr
 
 from epsstar.config import ConfigError
 from epsstar.estimate import Estimate, interpolate_epsstar
@@ -79,6 +92,12 @@ _MARGIN = 0.25  # a closing run needs the estimate max(spread, 0.25·rtol) insid
 _CLOSE = 0.9  # a closing run lands 0.9·rtol (relative) past the bracket end it pairs with
 _HEDGE = 0.4  # an approach run lands 0.4·rtol off the estimate, towards the far end
 _DUPLICATE = 0.1  # two ε closer than 0.1·rtol (relative) count as the same run
+_UNIFORM = 0.2  # share of the belief in ε* spread evenly over the bracket, in case the
+# estimate is wrong (the rest is a normal in log ε around the estimate)
+_WIDTH_WEIGHT = 0.1  # weight of a part's width against the chance it is still open
+_GRID = 64  # log-spaced candidate ε per parallel plan, besides the closing runs
+_WAIT_S = 5.0  # longest a trial waits for earlier trials to store their ε (seconds)
+_POLL_S = 0.05  # how often it looks meanwhile (seconds)
 
 # Settings that must match for two samplers to share a study (see BisectionSampler.check_study).
 _IDENTITY_KEYS = ("threshold", "param_name", "clean_train_loss")
@@ -400,12 +419,122 @@ def _avoid_duplicates(
     return float(math.sqrt(edges[j] * edges[j + 1]))
 
 
+def _first_round(pending: Sequence[float], s: _Settings) -> float:
+    """The ε for a new run while runs are pending but none has completed (nothing to predict
+    them with): the next level of the one-worker decision tree.
+
+    The pending ε cut the range [lower_guess or eps_low, eps_high] into parts; the likelier
+    part holds ε*, taken as the widest in log ε. The new run goes where the one-worker search
+    would go if ε* were there: an unpredicted step up (×8) past the highest pending run, one
+    down below the lowest, or the log-middle between two. Ties go up: with the default start
+    in the log-middle of the range, the second run then brackets any ε* up to 8× the start.
+    """
+    floor = s.lower_guess or s.eps_low
+    near = 1.0 + _DUPLICATE * s.rtol  # a run this close to an end counts as at that end
+    xs = sorted(set(pending))
+    parts = []  # (log width of the part, the run the one-worker search makes there)
+    if xs[-1] * near < s.eps_high:
+        parts.append((math.log(s.eps_high / xs[-1]), min(_grow(xs[-1], None), s.eps_high)))
+    if xs[0] > floor * near:
+        down = math.sqrt(floor * xs[0]) if s.lower_guess else _shrink(xs[0], None)
+        parts.append((math.log(xs[0] / floor), max(down, s.eps_low)))
+    parts += [(math.log(b / a), math.sqrt(a * b)) for a, b in zip(xs, xs[1:], strict=False)]
+    if not parts:
+        return _start(s)  # the pending runs cover the range: _avoid_duplicates picks a gap
+    widest = max(width for width, _ in parts)
+    return next(eps for width, eps in parts if width >= widest * (1 - 1e-9))
+
+
+def _belief_cdf(
+    lo: float, hi: float, estimate: tuple[float, float] | None, rtol: float
+) -> Callable[[np.ndarray], np.ndarray]:
+    """P(ε* <= ε) for ε in [lo, hi] (the bracket): a normal in log ε around the estimate (sd =
+    its spread, at least rtol), truncated to the bracket, mixed with a share ``_UNIFORM`` spread
+    evenly in log ε."""
+    a, b = math.log(lo), math.log(hi)
+
+    def uniform(u: np.ndarray) -> np.ndarray:
+        return (u - a) / (b - a)
+
+    if estimate is None:
+        return lambda eps: uniform(np.log(eps))
+    mean = math.log(min(max(estimate[0], lo), hi))
+    sd = max(estimate[1], rtol)
+    floor, top = ndtr((a - mean) / sd), ndtr((b - mean) / sd)
+
+    def cdf(eps: np.ndarray) -> np.ndarray:
+        u = np.log(eps)
+        normal = (ndtr((u - mean) / sd) - floor) / (top - floor)
+        return (1 - _UNIFORM) * normal + _UNIFORM * uniform(u)
+
+    return cdf
+
+
+def _expected_cost(
+    edges: np.ndarray, cdf: Callable[[np.ndarray], np.ndarray], rtol: float
+) -> float:
+    """How bad runs at the sorted ``edges`` (bracket ends included) leave the search: the chance
+    that the part holding ε* is still wider than rtol, plus ``_WIDTH_WEIGHT`` × the expected
+    log2 of its width over the converged width, so that where no placement can end the search
+    this round the runs still split the likely part."""
+    done = -math.log(1 - rtol)  # log width of a bracket with relative width rtol
+    widths = np.diff(np.log(edges))
+    open_ = widths > done * (1 + 1e-9)
+    bisections = np.log2(np.maximum(widths, done) / done)
+    return float(np.dot(np.diff(cdf(edges)), open_ + _WIDTH_WEIGHT * bisections))
+
+
+def _spread_over_bracket(
+    eps: float, points: Points, pending: Sequence[float], s: _Settings
+) -> float:
+    """``eps`` (the one-worker proposal), or a better run when others are pending in the bracket.
+
+    Believing pending runs land on the estimate makes the next runs hedge a few per cent from
+    it; instead the new run is placed, together with the pending ones, to split the bracket
+    so that the part holding ε* is likely within rtol (:func:`_expected_cost`, with ε*
+    believed near the estimate by :func:`_belief_cdf`). Candidates: ``eps``, a log-spaced grid
+    over the bracket, the estimate, and the closing runs next to each bracket end and pending
+    run.
+    """
+    lo, hi = _observed(points, s).bracket(s.threshold)
+    if lo is None or hi is None:
+        return eps
+    inside = [p for p in pending if lo < p < hi]
+    if not inside:
+        return eps
+    estimate = _model(points, s).crossing(s.threshold)
+    cdf = _belief_cdf(lo, hi, estimate, s.rtol)
+    close = 1 - _CLOSE * s.rtol
+    marks = [lo, hi, *inside]
+    candidates = [
+        eps,
+        *np.geomspace(lo, hi, _GRID + 2)[1:-1],
+        *([estimate[0]] if estimate is not None else []),
+        *(m / close for m in marks),
+        *(m * close for m in marks),
+    ]
+    held = [e for e, _ in points] + list(pending)
+    tol = _DUPLICATE * s.rtol
+    best, best_cost = eps, math.inf
+    for c in candidates:
+        if not lo < c < hi or any(abs(c - h) <= tol * max(c, h) for h in held):
+            continue
+        cost = _expected_cost(np.sort([lo, hi, *inside, c]), cdf, s.rtol)
+        if cost < best_cost - 1e-12:  # ties keep the earlier candidate: eps first
+            best, best_cost = c, cost
+    return float(best)
+
+
 def _plan(points: Points, pending: Sequence[float], s: _Settings) -> float:
     """The ε for a new trial, given completed (ε, loss) results and the ε of pending trials."""
-    believed = _believe(points, pending, s, flip_last=False)
-    if pending and _search_over(believed, s, n_complete=0) is not None:
-        believed = _believe(points, pending, s, flip_last=True)
-    eps = _next_eps(believed, s, stalled=_stalled(points, s))
+    if pending and not points:
+        eps = _first_round(pending, s)
+    else:
+        believed = _believe(points, pending, s, flip_last=False)
+        if pending and _search_over(believed, s, n_complete=0) is not None:
+            believed = _believe(points, pending, s, flip_last=True)
+        eps = _next_eps(believed, s, stalled=_stalled(points, s))
+        eps = _spread_over_bracket(eps, points, pending, s)
     lo, hi = _observed(points, s).bracket(s.threshold)
     within = (lo or s.eps_low, hi or s.eps_high)
     return _avoid_duplicates(eps, [e for e, _ in points] + list(pending), within, s)
@@ -613,7 +742,7 @@ class BisectionSampler(BaseSampler):
             return self._others.sample_independent(study, trial, param_name, param_distribution)
         if not isinstance(param_distribution, FloatDistribution) or param_distribution.step:
             raise ConfigError(f"suggest {param_name!r} with suggest_float and no step")
-        trials = study.get_trials(deepcopy=False)
+        trials = self._wait_for_earlier(study, trial.number)
         eps = trial.system_attrs.get(EPS_ATTR)
         if eps is None or self._taken(trials, trial.number, float(eps)):
             reason = self._stop_reason(trials)
@@ -650,6 +779,29 @@ class BisectionSampler(BaseSampler):
     def _plan(self, trials: Sequence[FrozenTrial], number: int) -> float:
         points, pending = _read_trials(trials, self.param_name, skip=number)
         return _plan(points, pending, self._settings)
+
+    def _wait_for_earlier(self, study: Study, number: int) -> list[FrozenTrial]:
+        """The study's trials once every earlier-numbered RUNNING trial holds its ε (or after
+        ``_WAIT_S`` seconds, e.g. when an earlier worker died before storing it).
+
+        Two trials started at the same instant may both plan before either stored its ε; the
+        later one then has to see the earlier one's ε before it checks for a duplicate. Trials
+        wait only on earlier ones, so no two wait on each other. WAITING trials are not waited
+        on: one enqueued without an ε gets it only when it starts, which may be after us.
+        """
+        deadline = time.monotonic() + _WAIT_S
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            unknown = [
+                t
+                for t in trials
+                if t.number < number
+                and t.state == TrialState.RUNNING
+                and _held_eps(t, self.param_name) is None
+            ]
+            if not unknown or time.monotonic() >= deadline:
+                return trials
+            time.sleep(_POLL_S)
 
     def _taken(self, trials: Sequence[FrozenTrial], number: int, eps: float) -> bool:
         """True when another live trial holds (about) the same ε and has the right to it: it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import doctest
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -340,6 +341,63 @@ def test_threads_sharing_a_study_get_distinct_eps() -> None:
     eps = sorted(t.params["eps"] for t in study.trials)
     assert all(b - a > 0.005 * b for a, b in zip(eps, eps[1:], strict=False))
     assert estimate_from_study(study).epsstar == pytest.approx(3.3 / 255, rel=0.02)
+
+
+def test_racing_trials_wait_for_an_earlier_eps_and_do_not_share_it(monkeypatch) -> None:
+    # trial 0 stores its ε late and trial 1 sets its parameter late, so without waiting both
+    # would check for a duplicate before either could see the other, and both run one ε
+    study = make_study(BisectionSampler(R0, LOW, HIGH, clean_train_loss=CLEAN))
+    storage = study._storage
+    store, set_param = storage.set_trial_system_attr, storage.set_trial_param
+
+    def slow_store(trial_id: int, key: str, value) -> None:
+        if key == EPS_ATTR and storage.get_trial_number_from_id(trial_id) == 0:
+            time.sleep(0.3)
+        store(trial_id, key, value)
+
+    def slow_param(trial_id: int, *args) -> None:
+        if storage.get_trial_number_from_id(trial_id) == 1:
+            time.sleep(0.6)
+        set_param(trial_id, *args)
+
+    monkeypatch.setattr(storage, "set_trial_system_attr", slow_store)
+    monkeypatch.setattr(storage, "set_trial_param", slow_param)
+    eps: dict[int, float] = {}
+
+    def worker() -> None:
+        trial = study.ask()
+        eps[trial.number] = _suggest(trial)
+
+    first = threading.Thread(target=worker)
+    first.start()
+    while not study.get_trials(deepcopy=False):  # trial 0 exists, its ε not stored yet
+        time.sleep(0.005)
+    second = threading.Thread(target=worker)
+    second.start()
+    first.join()
+    second.join()
+    assert sorted(eps) == [0, 1]
+    assert abs(eps[0] - eps[1]) > 0.005 * max(eps.values())
+
+
+def test_second_worker_of_round_one_goes_where_the_search_would_go_next() -> None:
+    # nothing predicts the first run yet: the second brackets every ε* up to 8x the start
+    study = make_study(BisectionSampler(R0, LOW, HIGH, clean_train_loss=CLEAN))
+    first, second = study.ask(), study.ask()
+    assert _suggest(second) == pytest.approx(8 * _suggest(first))
+
+
+def test_pending_run_in_a_bracket_is_split_around_not_hedged_next_to() -> None:
+    f = oracle("convex", 8.0)
+    study = make_study(BisectionSampler(R0, LOW, HIGH, clean_train_loss=CLEAN))
+    for e in (2.53 / 255, 20.2 / 255):  # round one: a bracket [2.53, 20.2]/255 around ε*
+        study.enqueue_trial({"eps": e})
+        study.optimize(objective_for(f), n_trials=1)
+    pending = _suggest(study.ask())
+    new = _suggest(study.ask())
+    assert 2.53 / 255 < new < 20.2 / 255
+    # farther than a hedge (0.4·rtol) or a closing run (0.9·rtol) next to the pending run
+    assert abs(math.log(new / pending)) > 0.1
 
 
 def test_enqueued_eps_is_run_and_planned_around() -> None:
