@@ -9,9 +9,10 @@ imported its libraries and opened the study (a real worker's start-up is seconds
 trials of minutes or hours) and stops when the last worker exits.
 
 A bisection is sequential: with one worker each run waits for the previous one. With several,
-the sampler hands each worker a different ε (a pending run counts as landing where the curve
-predicts; an extra run is placed where it pays off if that prediction is wrong), so a search
-needs fewer rounds, not n times fewer.
+the sampler hands each worker a different ε (before a bracket exists, the pending runs split
+the range and the new run goes where one worker would go if ε* lay in the widest part; inside a
+bracket, the new run is placed to split it together with the pending runs), so a search needs
+fewer rounds, not n times fewer.
 
 Usage (PostgreSQL on 127.0.0.1:5432; a throw-away database is created and dropped):
     python benchmarks/bench_workers.py                    # about 4 min on 2 CPU cores
