@@ -182,9 +182,9 @@ def _parent_run(cfg: TrainConfig, study_name: str, experiment_id: str) -> tracki
     continues it), else a new one."""
     tags = {tracking.TAG_ROLE: "search", tracking.TAG_STUDY: study_name}
     env_run = _env_run_id()
-    if env_run:
+    if env_run:  # MLflow names it at random; a search name reads better in the UI
         tracker = tracking.RunTracker(env_run)
-        tracker.set_tags(tags)
+        tracker.set_tags({**tags, "mlflow.runName": f"search-{cfg.dataset}-{cfg.arch}-{cfg.norm}"})
         return tracker
     runs = tracking.client().search_runs(
         [experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
