@@ -65,6 +65,25 @@ def train_options(exclude: tuple[str, ...] = ()) -> Callable:
     return decorate
 
 
+def run_options(fn: Callable) -> Callable:
+    """The options every command that trains shares: where runs and checkpoints go."""
+    options = [
+        click.option("--experiment", default=None,
+                     help="MLflow experiment name [default: $MLFLOW_EXPERIMENT_NAME or "
+                          "'epsstar']"),
+        click.option("--checkpoint-dir", default="checkpoints", show_default=True,
+                     type=click.Path(file_okay=False),
+                     help="local checkpoint root (one dir per run)"),
+        click.option("--download", type=click.BOOL, default=False, show_default=True,
+                     help="let torchvision download a missing dataset (true|false)"),
+        click.option("--log-model", type=click.BOOL, default=True, show_default=True,
+                     help="log each run's best weights as an MLflow model (true|false)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def config_from_kwargs(kwargs: dict[str, Any], **overrides: Any) -> TrainConfig:
     """Pop the TrainConfig fields out of a click kwargs dict and build the config."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -5,7 +5,12 @@ from __future__ import annotations
 import click
 
 from epsstar.cli._common import EPS
-from epsstar.cli._options import config_from_kwargs, end_runs_on_sigterm, train_options
+from epsstar.cli._options import (
+    config_from_kwargs,
+    end_runs_on_sigterm,
+    run_options,
+    train_options,
+)
 from epsstar.config import SearchConfig
 
 _SEARCH = SearchConfig()
@@ -28,14 +33,7 @@ _SEARCH = SearchConfig()
               help="attack the clean model first for a free lower guess of eps* (true|false)")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="local worker processes sharing the study")
-@click.option("--experiment", default=None,
-              help="MLflow experiment name [default: $MLFLOW_EXPERIMENT_NAME or 'epsstar']")
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True,
-              type=click.Path(file_okay=False), help="local checkpoint root (one dir per run)")
-@click.option("--download", type=click.BOOL, default=False, show_default=True,
-              help="let torchvision download a missing dataset (true|false)")
-@click.option("--log-model", type=click.BOOL, default=True, show_default=True,
-              help="log each run's best weights as an MLflow model (true|false)")
+@run_options
 def command(eps_low, eps_high, rtol, max_trials, study_name, storage, clean_guess, workers,
             experiment, checkpoint_dir, download, log_model, **kwargs) -> None:
     """Find eps*: a clean run, then an Optuna bisection over eps, every run logged to MLflow."""

@@ -6,7 +6,12 @@ from __future__ import annotations
 import click
 
 from epsstar.cli._common import EPS, EPS_LIST
-from epsstar.cli._options import config_from_kwargs, end_runs_on_sigterm, train_options
+from epsstar.cli._options import (
+    config_from_kwargs,
+    end_runs_on_sigterm,
+    run_options,
+    train_options,
+)
 from epsstar.config import ATTACKS
 
 # The defaults of epsstar.finetune.FinetuneConfig, repeated so `epsstar --help` does not import
@@ -35,14 +40,7 @@ _DEFAULTS = {"eps_list": "0.25/255,0.5/255,1/255", "attack": "pgd", "epochs_frac
 @click.option("--compare-scratch", type=click.BOOL, default=False, show_default=True,
               help="also train one from-scratch run at the one-point eps and log the time "
                    "saved (true|false)")
-@click.option("--experiment", default=None,
-              help="MLflow experiment name [default: $MLFLOW_EXPERIMENT_NAME or 'epsstar']")
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True,
-              type=click.Path(file_okay=False), help="local checkpoint root (one dir per run)")
-@click.option("--download", type=click.BOOL, default=False, show_default=True,
-              help="let torchvision download a missing dataset (true|false)")
-@click.option("--log-model", type=click.BOOL, default=True, show_default=True,
-              help="log each run's best weights as an MLflow model (true|false)")
+@run_options
 def command(eps_list, attack, epochs_fraction, finetune_epochs, one_point_eps, clean_run,
             compare_scratch, experiment, checkpoint_dir, download, log_model, **kwargs) -> None:
     """Estimate eps* by fine-tuning the clean model adversarially at a few small eps.

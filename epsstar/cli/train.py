@@ -6,21 +6,19 @@ import os
 
 import click
 
-from epsstar.cli._options import config_from_kwargs, end_runs_on_sigterm, train_options
+from epsstar.cli._options import (
+    config_from_kwargs,
+    end_runs_on_sigterm,
+    run_options,
+    train_options,
+)
 
 
 @click.command("train")
 @train_options()
-@click.option("--experiment", default=None,
-              help="MLflow experiment name [default: $MLFLOW_EXPERIMENT_NAME or 'epsstar']")
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True,
-              type=click.Path(file_okay=False), help="local checkpoint root (one dir per run)")
-@click.option("--download", type=click.BOOL, default=False, show_default=True,
-              help="let torchvision download a missing dataset (true|false)")
+@run_options
 @click.option("--reuse", type=click.BOOL, default=True, show_default=True,
               help="return an identical FINISHED run instead of training again (true|false)")
-@click.option("--log-model", type=click.BOOL, default=True, show_default=True,
-              help="log the best weights as an MLflow model (true|false)")
 def command(experiment, checkpoint_dir, download, reuse, log_model, **kwargs) -> None:
     """Train one configuration (eps = 0: clean) and log it to MLflow.
 
