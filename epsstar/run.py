@@ -127,11 +127,20 @@ def _fetch_last_checkpoint(run_id: str, directory: Path) -> bool:
 
 
 def find_resumable(experiment_id: str, cfg: TrainConfig, root: Path) -> str | None:
-    """An interrupted run of this exact config whose checkpoint we can reach and nobody holds."""
+    """An interrupted run of this exact config whose checkpoint we can reach and nobody holds.
+
+    A run left RUNNING by a process of this machine that died before its first checkpoint
+    (its lock file exists and is free) cannot be resumed: it is ended KILLED here, so a
+    ``kill -9`` during start-up leaves no run RUNNING once the command is run again.
+    """
     for run in tracking.find_unfinished_runs(experiment_id, cfg.config_hash()):
         directory = root / run.info.run_id
-        if _lock_is_free(directory) and _fetch_last_checkpoint(run.info.run_id, directory):
+        if not _lock_is_free(directory):
+            continue
+        if _fetch_last_checkpoint(run.info.run_id, directory):
             return run.info.run_id
+        if (directory / ".lock").exists():
+            tracking.end_if_running(run.info.run_id, "KILLED")
     return None
 
 
@@ -228,17 +237,28 @@ def _adopt_checkpoint(source_run: str, root: Path, directory: Path,
         if not (directory / name).exists():
             (directory / name).write_bytes((src / name).read_bytes())
     tracker.set_tags({tracking.TAG_RESUMED_FROM: source_run})
+    _log_missing_epochs(tracker, history)
+
+
+def _log_missing_epochs(tracker: tracking.RunTracker, history: list[dict]) -> None:
+    """Log the checkpoint's epochs that the run does not hold yet: a process killed right after
+    a checkpoint may not have sent that epoch's metrics, and a resumed run must have them all."""
+    logged = {m.step for m in tracking.client().get_metric_history(tracker.run_id,
+                                                                   "train_adv_loss")}
     for row in history:
-        metrics = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
-        tracker.log_metrics(metrics, step=int(row["epoch"]), background=True)
+        if int(row["epoch"]) not in logged:
+            metrics = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
+            tracker.log_metrics(metrics, step=int(row["epoch"]), background=True)
 
 
 def _train_tracked(cfg, data, tracker, directory, init_weights,
                    progress) -> tuple[FitResult, int]:
     resumed = 0
     if (directory / "last.pt").exists():
-        resumed = int(load_checkpoint(directory / "last.pt")["epoch"])
+        state = load_checkpoint(directory / "last.pt")
+        resumed = int(state["epoch"])
         log.info("resuming run %s from epoch %d", tracker.run_id, resumed)
+        _log_missing_epochs(tracker, state["history"])
     last_upload = time.monotonic()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:

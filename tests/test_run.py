@@ -115,3 +115,22 @@ def test_tracking_outage_loses_no_epoch(tracking_store, monkeypatch):
     assert calls["n"] == 3
     history = mlflow.MlflowClient().get_metric_history(outcome.run_id, "train_adv_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_epoch_checkpointed_but_not_logged_is_logged_on_resume(tracking_store, monkeypatch):
+    """A kill between an epoch's checkpoint and its metrics must not lose that epoch."""
+    original = tracking.RunTracker.log_metrics
+
+    def die_before_logging_epoch_2(self, metrics, step=0, **kw):
+        if step == 2:
+            raise KeyboardInterrupt
+        original(self, metrics, step, **kw)
+
+    monkeypatch.setattr(tracking.RunTracker, "log_metrics", die_before_logging_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(CFG, log_model=False)
+    monkeypatch.setattr(tracking.RunTracker, "log_metrics", original)
+    outcome = run_training(CFG, log_model=False)
+    assert outcome.resumed_from_epoch == 2
+    history = mlflow.MlflowClient().get_metric_history(outcome.run_id, "test_adv_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
