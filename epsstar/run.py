@@ -243,8 +243,10 @@ def _adopt_checkpoint(source_run: str, root: Path, directory: Path,
 def _log_missing_epochs(tracker: tracking.RunTracker, history: list[dict]) -> None:
     """Log the checkpoint's epochs that the run does not hold yet: a process killed right after
     a checkpoint may not have sent that epoch's metrics, and a resumed run must have them all."""
+    tracker.flush()  # what is still queued counts as logged once sent
     logged = {m.step for m in tracking.client().get_metric_history(tracker.run_id,
                                                                    "train_adv_loss")}
+    logged |= {m.step for m in tracker.pending}
     for row in history:
         if int(row["epoch"]) not in logged:
             metrics = {k: v for k, v in row.items() if k not in ("epoch", "seconds")}
