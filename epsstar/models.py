@@ -144,26 +144,6 @@ def preact_resnet18(
 # ------------------------------------------------------------------------------------ WideResNet-34
 
 
-class WideBlock(nn.Module):
-    """The WideResNet basic block (pre-activation, no dropout)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
-
-
 class WideResNet(nn.Module):
     """WideResNet-34-k (Zagoruyko & Komodakis 2016, https://arxiv.org/abs/1605.07146)."""
 
@@ -174,8 +154,9 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, stride=1, padding=1, bias=False)
         stages = []
         for i, stride in enumerate((1, 2, 2)):
-            blocks = [WideBlock(channels[i], channels[i + 1], stride)]
-            blocks += [WideBlock(channels[i + 1], channels[i + 1], 1) for _ in range(n - 1)]
+            # WideResNet's basic block is the pre-activation block (no dropout)
+            blocks = [PreActBlock(channels[i], channels[i + 1], stride)]
+            blocks += [PreActBlock(channels[i + 1], channels[i + 1], 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(channels[3])

@@ -42,28 +42,6 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_GIT = "mlflow.source.git.commit"
 TAG_RESUMED_FROM = "epsstar.resumed_from"  # the dead run whose checkpoint a retried trial adopted
 
-EPOCH_METRICS = (
-    "train_adv_loss",
-    "train_adv_acc",
-    "train_objective",
-    "test_clean_loss",
-    "test_clean_acc",
-    "test_adv_loss",
-    "test_adv_acc",
-    "lr",
-)
-FINAL_METRICS = (
-    "best_epoch",
-    "best_train_adv_loss",
-    "best_train_adv_acc",
-    "best_train_eval_loss",
-    "best_test_adv_loss",
-    "best_test_clean_loss",
-    "best_test_adv_acc",
-    "best_test_clean_acc",
-    "train_seconds",
-)
-
 
 class TrackingError(EpsstarError):
     """The tracking store cannot be reached or refused a request we cannot do without."""
