@@ -4,6 +4,9 @@ default checkpoint and Optuna files land in tmp_path, not in the repository)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -20,17 +23,26 @@ def _empty_store(tmp_path_factory):
     return path
 
 
+@contextmanager
+def store_in(directory: Path, template: Path, mp: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point MLflow (env and process) at a copy of the empty store in ``directory``; cwd too."""
+    shutil.copy(template, directory / "mlflow.db")
+    uri = f"sqlite:///{directory}/mlflow.db"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        mp.delenv(var, raising=False)
+    mp.chdir(directory)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture
 def tracking_store(tmp_path, monkeypatch, _empty_store):
-    shutil.copy(_empty_store, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
+    with store_in(tmp_path, _empty_store, monkeypatch) as uri:
+        yield uri
 
 
 def runs_with_status(status: str) -> list:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import click
 import mlflow
 import pytest
-from _store import _empty_store, runs_with_status  # noqa: F401
+from _store import _empty_store, runs_with_status, store_in  # noqa: F401
 from click.testing import CliRunner
 
 from epsstar import finetune as finetune_module
@@ -45,16 +44,8 @@ cli.add_command(finetune_cli.command)
 def store(tmp_path_factory, _empty_store):  # noqa: F811 - pytest fixture injection
     """One sqlite store for the module: the fine-tunes are trained once and read by each test."""
     tmp = tmp_path_factory.mktemp("finetune")
-    shutil.copy(_empty_store, tmp / "mlflow.db")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(var, raising=False)
-        mp.chdir(tmp)
-        mlflow.set_tracking_uri(uri)
+    with pytest.MonkeyPatch.context() as mp, store_in(tmp, _empty_store, mp):
         yield tmp
-        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
